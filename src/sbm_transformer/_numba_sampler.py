@@ -1,0 +1,299 @@
+"""Fused CPU fastRG sampler (numba). Same distribution as :func:`sampling._sample_torch`.
+
+For every stacked (batch, head) pair ``p``, query ``i`` and key cluster ``b`` the sampler draws the
+number of edges that query sends through cluster ``b``::
+
+    c[p, b, i] ~ Poisson(u[p, i, b] * mass[p, b, i])       u = Y B,  mass = sum of Z[:, b] over
+                                                          the keys query i may see
+
+and then each of those edges' key ``j`` from ``Z[j, b] / mass``. Summed over ``b`` the count of an
+ordered pair (i, j) is Poisson(lambda_ij), lambda = Y B Z^T (the fastRG multigraph of Rohe, Tao and
+Yu 2018). An extra component ``b = K`` draws the exploration layer: Poisson(eps * #visible keys)
+edges per query with uniformly random visible keys. Duplicate (i, j) draws collapse, so an edge is
+present with probability ``1 - exp(-(lambda_ij + eps))``.
+
+Keys are drawn with Walker's alias method (Vose's construction): O(1) work per edge and no
+data-dependent branch. Causal rows draw from all keys of the cluster at rate ``u * total`` and
+drop keys ``j > i``: thinning a Poisson process by a fixed indicator leaves the right Poisson
+process on ``j <= i`` (about half the draws are dropped). Loops over draws run cluster-major so
+that one cluster's alias table stays in cache. Randomness comes from SplitMix64 streams keyed by
+(seed, phase, table): the result does not depend on the number of threads.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit, prange
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_M1 = np.uint64(0xBF58476D1CE4E5B9)
+_M2 = np.uint64(0x94D049BB133111EB)
+_INV53 = 1.0 / 9007199254740992.0
+
+
+@njit(inline="always")
+def _mix(z):  # pragma: no cover - compiled
+    z = (z ^ (z >> np.uint64(30))) * _M1
+    z = (z ^ (z >> np.uint64(27))) * _M2
+    return z ^ (z >> np.uint64(31))
+
+
+@njit(inline="always")
+def _stream(seed, phase, table):  # pragma: no cover
+    return _mix(np.uint64(seed) ^ _mix(np.uint64(phase) * _GOLDEN + np.uint64(table)))
+
+
+@njit(inline="always")
+def _uniform(state):  # pragma: no cover
+    """SplitMix64 step: (new state, uniform float64 in [0, 1))."""
+    state = state + _GOLDEN
+    return state, (_mix(state) >> np.uint64(11)) * _INV53
+
+
+@njit(inline="always")
+def _poisson(state, lam):  # pragma: no cover
+    """Exact Poisson draw: inversion for small rates, PTRS (Hoermann 1993) for rates >= 10."""
+    if lam <= 0.0:
+        return state, 0
+    if lam < 10.0:
+        state, u = _uniform(state)
+        p = math.exp(-lam)
+        cdf = p
+        k = 0
+        while u > cdf:
+            k += 1
+            p *= lam / k
+            cdf += p
+            if p == 0.0:
+                break
+        return state, k
+    slam = math.sqrt(lam)
+    loglam = math.log(lam)
+    b = 0.931 + 2.53 * slam
+    a = -0.059 + 0.02483 * b
+    invalpha = 1.1239 + 1.1328 / (b - 3.4)
+    vr = 0.9277 - 3.6224 / (b - 2.0)
+    while True:
+        state, u = _uniform(state)
+        state, v = _uniform(state)
+        u -= 0.5
+        us = 0.5 - abs(u)
+        k = math.floor((2.0 * a / us + b) * u + lam + 0.43)
+        if us >= 0.07 and v <= vr:
+            return state, int(k)
+        if k < 0 or (us < 0.013 and v > us):
+            continue
+        lhs = math.log(v) + math.log(invalpha) - math.log(a / (us * us) + b)
+        if lhs <= -lam + k * loglam - math.lgamma(k + 1.0):
+            return state, int(k)
+
+
+@njit(cache=True)
+def _build_alias(w, prob, alias, scaled, small, large):  # pragma: no cover
+    """Vose's alias table of weights ``w`` (length L) into ``prob``/``alias``; returns sum(w).
+
+    Slot ``s`` keeps item ``s`` with probability ``prob[s]`` and otherwise gives ``alias[s]``;
+    items of weight 0 are never returned. ``scaled``, ``small``, ``large`` are scratch (>= L).
+    """
+    size = w.shape[0]
+    total = 0.0
+    heaviest = 0
+    for j in range(size):
+        total += w[j]
+        if w[j] > w[heaviest]:
+            heaviest = j
+    if total <= 0.0:
+        for j in range(size):
+            prob[j] = 1.0
+            alias[j] = j
+        return total
+    ns = 0
+    nl = 0
+    factor = size / total
+    for j in range(size):  # branch-free partition into small (< 1) and large
+        x = w[j] * factor
+        scaled[j] = x
+        is_small = x < 1.0
+        small[ns] = j
+        large[nl] = j
+        ns += is_small
+        nl += 1 - is_small
+    while ns > 0 and nl > 0:
+        ns -= 1
+        s = small[ns]
+        g = large[nl - 1]
+        prob[s] = scaled[s]
+        alias[s] = g
+        scaled[g] = (scaled[g] + scaled[s]) - 1.0
+        if scaled[g] < 1.0:
+            nl -= 1
+            small[ns] = g
+            ns += 1
+    for t in range(nl):  # left over only through rounding: weight ~1 each
+        prob[large[t]] = 1.0
+        alias[large[t]] = large[t]
+    for t in range(ns):
+        s = small[t]
+        if w[s] > 0.0:
+            prob[s] = 1.0
+            alias[s] = s
+        else:  # a zero-weight item must never be drawn
+            prob[s] = 0.0
+            alias[s] = heaviest
+    return total
+
+
+@njit(inline="always")
+def _alias_draw(state, prob, alias, size):  # pragma: no cover
+    """(new state, one draw from the alias table ``prob``/``alias`` of ``size`` items)."""
+    state, x = _uniform(state)
+    y = x * size
+    s = min(int(y), size - 1)
+    return state, (s if y - s < prob[s] else alias[s])
+
+
+@njit(parallel=True, cache=True)
+def _key_tables(zt):  # pragma: no cover
+    """Per (pair, cluster): alias table over the keys, weights ``Z[:, b]``, and their totals."""
+    num_pairs, k, m = zt.shape
+    prob = np.empty((num_pairs, k, m), np.float64)
+    alias = np.empty((num_pairs, k, m), np.int32)
+    totals = np.empty((num_pairs, k), np.float64)
+    for tb in prange(num_pairs * k):
+        p, b = tb // k, tb % k
+        scaled = np.empty(m, np.float64)
+        small = np.empty(m, np.int32)
+        large = np.empty(m, np.int32)
+        totals[p, b] = _build_alias(zt[p, b], prob[p, b], alias[p, b], scaled, small, large)
+    return prob, alias, totals
+
+
+@njit(parallel=True, cache=True)
+def _count(seed, u, totals, visible, eps, heads, cnt, deg):  # pragma: no cover
+    """Per query row and component: the number of draws, stored as start offsets in the row.
+
+    ``cnt[p, b, i]`` receives where component b's draws start within row ``r = p*N + i`` and
+    ``deg[r]`` the row's total. Component ``K`` is the exploration layer.
+    """
+    num_pairs, n, k = u.shape
+    for r in prange(num_pairs * n):
+        p, i = r // n, r % n
+        state = _stream(seed, 1, r)
+        acc = 0
+        for b in range(k):
+            state, c = _poisson(state, u[p, i, b] * totals[p, b])
+            cnt[p, b, i] = acc
+            acc += c
+        state, c = _poisson(state, eps * visible[p // heads, i])
+        cnt[p, k, i] = acc
+        deg[r] = acc + c
+
+
+@njit(parallel=True, cache=True)
+def _fill(seed, prob, alias, valid, visible, causal, heads, cnt, deg, offsets, buf):  # pragma: no cover
+    """Draw every edge's key into its row's slot for its component (-1 marks a dropped draw)."""
+    num_pairs, kk, n = cnt.shape
+    k = kk - 1
+    m = prob.shape[2]
+    for tb in prange(num_pairs * kk):
+        p, b = tb // kk, tb % kk
+        bb = p // heads
+        state = _stream(seed, 2, tb)
+        prob_b, alias_b = prob[p, min(b, k - 1)], alias[p, min(b, k - 1)]
+        for i in range(n):
+            r = p * n + i
+            st = offsets[r] + cnt[p, b, i]
+            en = offsets[r] + (cnt[p, b + 1, i] if b < k else deg[r])
+            if b < k:
+                for e in range(st, en):
+                    state, j = _alias_draw(state, prob_b, alias_b, m)
+                    buf[e] = -1 if causal and j > i else j
+            else:
+                vis = visible[bb, i]
+                for e in range(st, en):
+                    state, x = _uniform(state)
+                    buf[e] = valid[bb, min(int(x * vis), vis - 1)]
+
+
+@njit(parallel=True, cache=True)
+def _dedup(offsets, buf, m, kept):  # pragma: no cover
+    """Drop repeated keys and dropped draws (-1) within each row in place, with an M-bit bitmap."""
+    num_rows = kept.shape[0]
+    chunk = 256
+    words = (m + 63) // 64
+    one = np.uint64(1)
+    for c in prange((num_rows + chunk - 1) // chunk):
+        seen = np.zeros(words, np.uint64)
+        for r in range(c * chunk, min(num_rows, (c + 1) * chunk)):
+            st, en = offsets[r], offsets[r + 1]
+            w = st
+            for e in range(st, en):
+                j = buf[e]
+                if j < 0:
+                    continue
+                bit = one << np.uint64(j & 63)
+                if seen[j >> 6] & bit == 0:
+                    seen[j >> 6] |= bit
+                    buf[w] = j
+                    w += 1
+            for e in range(st, w):
+                seen[buf[e] >> 6] = 0
+            kept[r] = w - st
+
+
+@njit(parallel=True, cache=True)
+def _compact(offsets, buf, crow, col):  # pragma: no cover
+    for r in prange(crow.shape[0] - 1):
+        src = offsets[r]
+        for t in range(crow[r + 1] - crow[r]):
+            col[crow[r] + t] = buf[src + t]
+
+
+def sample_csr(
+    seed: int,
+    u: np.ndarray,
+    zt: np.ndarray,
+    valid: np.ndarray,
+    visible: np.ndarray,
+    eps: float,
+    causal: bool,
+    heads: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Sample all (batch, head) graphs at once.
+
+    Args:
+        seed: 63-bit seed.
+        u: ``(P, N, K)`` float, ``Y B`` (query rates per key cluster), P = B * H stacked pairs.
+        zt: ``(P, K, M)`` float, key memberships transposed, zero for padded keys.
+        valid: ``(B, M)`` int64, indices of the non-padded keys of each sequence first.
+        visible: ``(B, N)`` int64, number of keys each query may see (its prefix when causal).
+        eps: exploration rate.
+        causal: draw only keys ``j <= i``.
+        heads: H, to map a pair ``p`` to its sequence ``p // H``.
+
+    Returns:
+        ``crow`` (P*N + 1,) and ``col`` (E,) of the deduplicated CSR graph (columns within a row
+        in draw order, not sorted); int32 when the edge count and the stacked sizes allow, else int64.
+    """
+    num_pairs, n, k = u.shape
+    prob, alias, totals = _key_tables(zt)
+    cnt = np.empty((num_pairs, k + 1, n), np.int32)
+    deg = np.empty(num_pairs * n, np.int64)
+    _count(seed, u, totals, visible, eps, heads, cnt, deg)
+    offsets = np.zeros(num_pairs * n + 1, np.int64)
+    np.cumsum(deg, out=offsets[1:])
+    m = zt.shape[2]
+    fits32 = max(int(offsets[-1]), num_pairs * max(n, m) + 1) <= np.iinfo(np.int32).max
+    index_dtype = np.int32 if fits32 else np.int64
+    buf = np.empty(int(offsets[-1]), index_dtype)
+    _fill(seed, prob, alias, valid, visible, causal, heads, cnt, deg, offsets, buf)
+    del prob, alias, cnt
+    kept = np.empty(num_pairs * n, np.int64)
+    _dedup(offsets, buf, m, kept)
+    crow = np.zeros(num_pairs * n + 1, index_dtype)
+    np.cumsum(kept, out=crow[1:])
+    col = np.empty(int(crow[-1]), index_dtype)
+    _compact(offsets, buf, crow, col)
+    return crow, col

@@ -1,0 +1,238 @@
+"""SBMAttention: a batch-first multi-head attention module with SBM-sampled sparse attention.
+
+Drop-in for ``nn.MultiheadAttention(embed_dim, num_heads, batch_first=True)`` (self- and
+cross-attention, ``key_padding_mask`` with True = padding), except that it returns
+``(output, SBMStats)``: add ``w * stats.density.mean()`` to the loss to train heads sparser.
+
+Reference: Cho et al., "Transformers meet Stochastic Block Models: Attention with Data-Adaptive
+Sparsity and Cost", NeurIPS 2022, arXiv:2210.15541.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from sbm_transformer.functional import BACKENDS, SBMStats, sbm_attention
+from sbm_transformer.graph import Graph
+from sbm_transformer.sampling import block_matrix, check_exploration
+
+__all__ = ["SBMAttention"]
+
+
+class SBMAttention(nn.Module):
+    """Multi-head attention where each head samples its own sparse query-key graph.
+
+    Every head h owns ``num_clusters`` cluster embeddings ``C_h`` (K, D) (Kaiming-normal init);
+    a node MLP ``Linear(D, D) -> ReLU -> Linear(D, D)`` is shared by all heads. For projected
+    queries q and keys k of a head: memberships ``Y = sigmoid(MLP(q) C_h^T)``,
+    ``Z = sigmoid(MLP(k) C_h^T)``, block matrix ``B_h = softmax(C_h C_h^T)`` over all K*K
+    entries, and a graph is sampled with edge probability ``1 - exp(-(Y_i B_h Z_j^T + eps))``
+    (:func:`~sbm_transformer.sampling.sample_graph`); attention runs along its edges only.
+
+    Args:
+        embed_dim: model dimension E (= num_heads * head dimension).
+        num_heads: number of heads H; must divide ``embed_dim``.
+        num_clusters: clusters K per head (the paper's LRA runs use 128).
+        dropout: attention dropout on the normalised edge weights (training only).
+        exploration: rate ``eps`` of the uniform exploration layer (paper: 0.01). It adds about
+            ``eps * M`` edges per query, a quadratic floor: use 0 or a tiny value for long inputs.
+        causal: queries attend only to keys at positions ``<=`` their own (self-attention).
+        backend: ``"auto"``, ``"dense"``, ``"sparse"``, ``"sparse-torch"`` or ``"sparse-numba"``
+            (see :data:`~sbm_transformer.functional.BACKENDS`).
+        bias: add biases to the input and output projections.
+        kdim, vdim: feature sizes of key and value inputs (default ``embed_dim``).
+        init_density: start near this expected edge density instead of the original ~25 %:
+            a learnable per-head factor ``rho = sigmoid(gamma)`` scales the block matrix and is
+            initialised so that ``1 - exp(-(rho / 4 + eps))`` (memberships sit near 1/2 at
+            initialisation) equals ``init_density``. For ``e`` edges per query on sequences of
+            length ``L``, pass ``e / L``. Must exceed the exploration floor.
+        max_edges: raise before sampling when the expected edge count of a call exceeds this.
+        device, dtype: factory arguments for the parameters.
+
+    Shapes:
+        query ``(B, N, E)``, key ``(B, M, kdim)``, value ``(B, M, vdim)``,
+        key_padding_mask ``(B, M)`` bool; output ``(B, N, E)``.
+
+    Examples:
+        >>> import torch
+        >>> attn = SBMAttention(embed_dim=64, num_heads=2, num_clusters=16)
+        >>> x = torch.randn(3, 100, 64)
+        >>> out, stats = attn(x)
+        >>> out.shape, stats.density.shape
+        (torch.Size([3, 100, 64]), torch.Size([2]))
+    """
+
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        num_clusters: int = 128,
+        *,
+        dropout: float = 0.0,
+        exploration: float = 0.01,
+        causal: bool = False,
+        backend: str = "auto",
+        bias: bool = True,
+        kdim: int | None = None,
+        vdim: int | None = None,
+        init_density: float | None = None,
+        max_edges: int | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        for name, value in (("embed_dim", embed_dim), ("num_heads", num_heads), ("num_clusters", num_clusters)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if embed_dim % num_heads != 0:
+            raise ValueError(
+                f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})"
+            )
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        check_exploration(exploration)
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+        factory = {"device": device, "dtype": dtype}
+        self.embed_dim = embed_dim
+        self.num_heads = num_heads
+        self.head_dim = embed_dim // num_heads
+        self.num_clusters = num_clusters
+        self.dropout = dropout
+        self.exploration = float(exploration)
+        self.causal = causal
+        self.backend = backend
+        self.max_edges = max_edges
+        self.kdim = kdim if kdim is not None else embed_dim
+        self.vdim = vdim if vdim is not None else embed_dim
+        self.q_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
+        self.k_proj = nn.Linear(self.kdim, embed_dim, bias=bias, **factory)
+        self.v_proj = nn.Linear(self.vdim, embed_dim, bias=bias, **factory)
+        self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
+        d = self.head_dim
+        self.clusters = nn.Parameter(torch.empty(num_heads, num_clusters, d, **factory))
+        self.node_mlp = nn.Sequential(
+            nn.Linear(d, d, **factory), nn.ReLU(), nn.Linear(d, d, **factory)
+        )
+        self.density_logit: nn.Parameter | None = None
+        self.init_density = init_density
+        if init_density is not None:
+            self.density_logit = nn.Parameter(torch.empty(num_heads, **factory))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Initialise as the original code: Kaiming-normal clusters, default Linear init."""
+        nn.init.kaiming_normal_(self.clusters)
+        for layer in (self.q_proj, self.k_proj, self.v_proj, self.out_proj):
+            layer.reset_parameters()
+        for layer in self.node_mlp:
+            if isinstance(layer, nn.Linear):
+                layer.reset_parameters()
+        if self.density_logit is not None:
+            assert self.init_density is not None
+            with torch.no_grad():
+                self.density_logit.fill_(self._density_logit_for(self.init_density))
+
+    def _density_logit_for(self, density: float) -> float:
+        if not 0.0 < density < 1.0:
+            raise ValueError(f"init_density must be in (0, 1), got {density}")
+        rate = -math.log1p(-density) - self.exploration  # lambda that gives this density
+        if rate <= 0:
+            raise ValueError(
+                f"init_density={density} is at or below the exploration floor "
+                f"(exploration={self.exploration} gives density {-math.expm1(-self.exploration):.4g}); "
+                "lower exploration or raise init_density"
+            )
+        rho = min(4.0 * rate, 1.0 - 1e-6)  # memberships ~1/2 at init, so lambda ~ rho / 4
+        return math.log(rho / (1.0 - rho))
+
+    def extra_repr(self) -> str:
+        parts = [
+            f"embed_dim={self.embed_dim}",
+            f"num_heads={self.num_heads}",
+            f"num_clusters={self.num_clusters}",
+            f"exploration={self.exploration}",
+            f"dropout={self.dropout}",
+            f"causal={self.causal}",
+            f"backend={self.backend!r}",
+        ]
+        if self.init_density is not None:
+            parts.append(f"init_density={self.init_density}")
+        return ", ".join(parts)
+
+    def block_matrix(self) -> Tensor:
+        """The block matrices ``(H, K, K)`` (times the density factor when ``init_density`` is set)."""
+        blocks = block_matrix(self.clusters)
+        if self.density_logit is not None:
+            blocks = blocks * torch.sigmoid(self.density_logit)[:, None, None]
+        return blocks
+
+    def memberships(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
+        """Memberships ``Y`` (B, H, N, K) of head-split queries ``q`` (B, H, N, D) and ``Z`` of keys."""
+        centers = self.clusters.transpose(-1, -2)  # (H, D, K)
+        Y = torch.sigmoid(self.node_mlp(q) @ centers)
+        Z = torch.sigmoid(self.node_mlp(k) @ centers)
+        return Y, Z
+
+    def _split_heads(self, x: Tensor) -> Tensor:
+        b, length, _ = x.shape
+        return x.reshape(b, length, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, L, D)
+
+    def _check_inputs(self, query: Tensor, key: Tensor, value: Tensor) -> None:
+        for name, t, width in (("query", query, self.embed_dim), ("key", key, self.kdim), ("value", value, self.vdim)):
+            if not isinstance(t, Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+            if t.dim() != 3 or t.shape[-1] != width:
+                raise ValueError(
+                    f"{name} must have shape (batch, length, {width}) (batch first), got {tuple(t.shape)}"
+                )
+        if key.shape[0] != query.shape[0] or value.shape[0] != query.shape[0]:
+            raise ValueError(
+                f"query, key and value must share the batch size, got {query.shape[0]}, "
+                f"{key.shape[0]}, {value.shape[0]}"
+            )
+        if key.shape[1] != value.shape[1]:
+            raise ValueError(f"key and value must have the same length, got {key.shape[1]} and {value.shape[1]}")
+
+    def forward(
+        self,
+        query: Tensor,
+        key: Tensor | None = None,
+        value: Tensor | None = None,
+        key_padding_mask: Tensor | None = None,
+        *,
+        graph: Graph | None = None,
+        generator: torch.Generator | None = None,
+    ) -> tuple[Tensor, SBMStats]:
+        """Attend; self-attention when ``key`` is None (``value`` defaults to ``key``).
+
+        Args:
+            query: ``(B, N, E)``.
+            key: ``(B, M, kdim)``, default ``query``.
+            value: ``(B, M, vdim)``, default ``key``.
+            key_padding_mask: ``(B, M)`` bool, True = padding (never attended).
+            graph: attend along these edges instead of sampling.
+            generator: torch.Generator for the sampled graph and dropout.
+
+        Returns:
+            ``(output (B, N, E), SBMStats)``.
+        """
+        key = query if key is None else key
+        value = key if value is None else value
+        self._check_inputs(query, key, value)
+        q = self._split_heads(self.q_proj(query))
+        k = self._split_heads(self.k_proj(key))
+        v = self._split_heads(self.v_proj(value))
+        Y, Z = self.memberships(q, k)
+        out, stats = sbm_attention(
+            q, k, v, Y, Z, self.block_matrix(),
+            graph=graph, key_padding_mask=key_padding_mask, exploration=self.exploration,
+            causal=self.causal, dropout_p=self.dropout if self.training else 0.0,
+            backend=self.backend, generator=generator, max_edges=self.max_edges,
+        )  # fmt: skip
+        b, _, n, _ = out.shape
+        out = out.transpose(1, 2).reshape(b, n, self.embed_dim)
+        return self.out_proj(out), stats

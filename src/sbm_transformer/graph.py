@@ -1,0 +1,312 @@
+"""Graph: the sampled query-key edges of every (batch, head) pair, stored as CSR by query.
+
+A :class:`Graph` is the only object the sampler and the attention ops share. For ``B`` sequences,
+``H`` heads, ``N`` queries and ``M`` keys it holds one bipartite graph per (batch, head) pair. The
+rows of all pairs are stacked in the order ``r = (b * H + h) * N + i``, so the whole batch is one
+CSR matrix of ``B * H * N`` rows whose column indices are local key positions ``j`` in ``[0, M)``.
+A row holds each key at most once. Columns within a row need not be sorted (the CPU sampler
+leaves them in draw order, which the kernels do not care about); :meth:`Graph.sorted` sorts them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from sbm_transformer._numba import use_numba
+
+_INT32_MAX = 2**31 - 1
+
+
+def index_dtype(*sizes: int) -> torch.dtype:
+    """int32 when every size (edge count, stacked rows, stacked columns) fits, else int64."""
+    return torch.int32 if max(sizes, default=0) <= _INT32_MAX else torch.int64
+
+
+@dataclass(frozen=True)
+class TransposedGraph:
+    """The edges of a :class:`Graph` grouped by key instead of by query (CSC order).
+
+    Attributes:
+        ccol_indices: ``(B*H*M + 1,)`` pointers: the edges of key column ``c = (b*H + h)*M + j``
+            are positions ``ccol_indices[c]:ccol_indices[c+1]`` of the two arrays below.
+        row_indices: ``(E,)`` local query index ``i`` of each edge, ascending within a column.
+        perm: ``(E,)`` position in the by-query (CSR) order of the edge at each by-key position.
+        tpos: ``(E,)`` the inverse of ``perm``: by-key position of each edge.
+    """
+
+    ccol_indices: Tensor
+    row_indices: Tensor
+    perm: Tensor
+    tpos: Tensor
+
+
+class Graph:
+    """Sampled edges of every (batch, head) pair, CSR by query.
+
+    Args:
+        crow_indices: ``(B*H*N + 1,)`` row pointers (int32 or int64); row ``r = (b*H + h)*N + i``
+            holds edges ``crow_indices[r]:crow_indices[r+1]``.
+        col_indices: ``(E,)`` local key index ``j`` in ``[0, M)`` of each edge, same dtype as
+            ``crow_indices``, no key twice within a row.
+        shape: ``(B, H, N, M)``.
+        check: verify dtypes, sizes and devices (cheap, O(1)); :meth:`validate` checks the
+            contents (O(E)).
+
+    Examples:
+        >>> import torch
+        >>> mask = torch.tensor([[[[True, False], [True, True]]]])  # (B=1, H=1, N=2, M=2)
+        >>> g = Graph.from_dense(mask)
+        >>> g.num_edges, g.crow_indices.tolist(), g.col_indices.tolist()
+        (3, [0, 1, 3], [0, 0, 1])
+        >>> bool((g.to_dense() == mask).all())
+        True
+    """
+
+    __slots__ = ("_cache", "col_indices", "crow_indices", "shape")
+
+    def __init__(
+        self,
+        crow_indices: Tensor,
+        col_indices: Tensor,
+        shape: tuple[int, int, int, int],
+        *,
+        check: bool = True,
+    ) -> None:
+        self.crow_indices = crow_indices
+        self.col_indices = col_indices
+        self.shape = tuple(int(s) for s in shape)
+        self._cache: dict[str, object] = {}
+        if check:
+            self._check_structure()
+
+    def _check_structure(self) -> None:
+        if len(self.shape) != 4 or min(self.shape) < 0:
+            raise ValueError(f"Graph shape must be (B, H, N, M) of non-negative sizes, got {self.shape}")
+        b, h, n, _ = self.shape
+        for name, t in (("crow_indices", self.crow_indices), ("col_indices", self.col_indices)):
+            if t.dim() != 1:
+                raise ValueError(f"Graph.{name} must be 1-D, got shape {tuple(t.shape)}")
+            if t.dtype not in (torch.int32, torch.int64):
+                raise TypeError(f"Graph.{name} must be int32 or int64, got {t.dtype}")
+        if self.crow_indices.dtype != self.col_indices.dtype:
+            raise TypeError(
+                "Graph.crow_indices and col_indices must share a dtype, got "
+                f"{self.crow_indices.dtype} and {self.col_indices.dtype}"
+            )
+        if self.crow_indices.device != self.col_indices.device:
+            raise ValueError("Graph.crow_indices and col_indices must be on the same device")
+        if self.crow_indices.numel() != b * h * n + 1:
+            raise ValueError(
+                f"Graph.crow_indices must have B*H*N + 1 = {b * h * n + 1} entries for shape "
+                f"{self.shape}, got {self.crow_indices.numel()}"
+            )
+
+    # ------------------------------------------------------------------ sizes
+    @property
+    def batch_size(self) -> int:
+        return self.shape[0]
+
+    @property
+    def num_heads(self) -> int:
+        return self.shape[1]
+
+    @property
+    def num_queries(self) -> int:
+        return self.shape[2]
+
+    @property
+    def num_keys(self) -> int:
+        return self.shape[3]
+
+    @property
+    def num_edges(self) -> int:
+        """Total number of edges over all (batch, head) pairs (no device sync)."""
+        return self.col_indices.numel()
+
+    @property
+    def device(self) -> torch.device:
+        return self.col_indices.device
+
+    def __repr__(self) -> str:
+        b, h, n, m = self.shape
+        dens = self.num_edges / max(b * h * n * m, 1)
+        return (
+            f"Graph(shape=(B={b}, H={h}, N={n}, M={m}), num_edges={self.num_edges}, "
+            f"density={dens:.4g}, device={self.device}, index_dtype={self.col_indices.dtype})"
+        )
+
+    # ------------------------------------------------------------ conversions
+    @classmethod
+    def from_dense(cls, mask: Tensor) -> Graph:
+        """Build a graph from a boolean adjacency ``mask`` of shape ``(B, H, N, M)``."""
+        if not isinstance(mask, Tensor):
+            raise TypeError(f"Graph.from_dense expects a torch.Tensor, got {type(mask).__name__}")
+        if mask.dim() != 4:
+            raise ValueError(f"Graph.from_dense expects a (B, H, N, M) mask, got shape {tuple(mask.shape)}")
+        if mask.dtype != torch.bool:
+            raise TypeError(f"Graph.from_dense expects a bool mask, got {mask.dtype}")
+        b, h, n, m = mask.shape
+        flat = mask.reshape(b * h * n, m)
+        rows, cols = flat.nonzero(as_tuple=True)  # sorted by (row, col)
+        idt = index_dtype(rows.numel(), b * h * n, b * h * m)
+        counts = torch.bincount(rows, minlength=b * h * n)
+        crow = torch.zeros(b * h * n + 1, dtype=idt, device=mask.device)
+        crow[1:] = counts.cumsum(0)
+        return cls(crow, cols.to(idt), (b, h, n, m))
+
+    def to_dense(self) -> Tensor:
+        """The adjacency as a bool tensor ``(B, H, N, M)``."""
+        b, h, n, m = self.shape
+        dense = torch.zeros(b * h * n, m, dtype=torch.bool, device=self.device)
+        dense[self.row_indices().long(), self.col_indices.long()] = True
+        return dense.reshape(b, h, n, m)
+
+    def scatter_dense(self, values: Tensor) -> Tensor:
+        """Scatter per-edge ``values`` ``(E,)`` into a dense ``(B, H, N, M)`` tensor (zeros elsewhere).
+
+        Differentiable with respect to ``values``.
+        """
+        b, h, n, m = self.shape
+        flat = self.row_indices().long() * m + self.col_indices.long()
+        out = values.new_zeros(b * h * n * m)
+        out = out.index_put((flat,), values)
+        return out.reshape(b, h, n, m)
+
+    def edges(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """COO view: int64 tensors ``(b, h, i, j)`` of length E, in CSR order."""
+        _, h, n, _ = self.shape
+        r = self.row_indices().long()
+        bh, i = r // n, r % n
+        return bh // h, bh % h, i, self.col_indices.long()
+
+    def row_indices(self) -> Tensor:
+        """``(E,)`` stacked row ``r = (b*H + h)*N + i`` of each edge (cached)."""
+        cached = self._cache.get("row_indices")
+        if cached is None:
+            rows = self.crow_indices.numel() - 1
+            cached = torch.repeat_interleave(
+                torch.arange(rows, dtype=self.col_indices.dtype, device=self.device),
+                self.degrees().reshape(-1),
+                output_size=self.num_edges,
+            )
+            self._cache["row_indices"] = cached
+        assert isinstance(cached, Tensor)
+        return cached
+
+    def degrees(self) -> Tensor:
+        """Number of edges of each query, int64 ``(B, H, N)``."""
+        b, h, n, _ = self.shape
+        return self.crow_indices.diff().long().reshape(b, h, n)
+
+    def edges_per_head(self) -> Tensor:
+        """Number of edges of each (batch, head) pair, int64 ``(B, H)``."""
+        b, h, n, _ = self.shape
+        bounds = self.crow_indices[:: max(n, 1)].long() if n > 0 else None
+        if bounds is None:
+            return torch.zeros(b, h, dtype=torch.long, device=self.device)
+        return bounds.diff().reshape(b, h)
+
+    def density(self) -> Tensor:
+        """Fraction of (query, key) pairs that are edges, per head: float ``(H,)``."""
+        b, _, n, m = self.shape
+        return self.edges_per_head().sum(0).double() / max(b * n * m, 1)
+
+    def to(self, device: torch.device | str) -> Graph:
+        """A copy on ``device`` (no copy when already there)."""
+        device = torch.device(device)
+        if device == self.device:
+            return self
+        return Graph(self.crow_indices.to(device), self.col_indices.to(device), self.shape)  # type: ignore[arg-type]
+
+    # ------------------------------------------------------------- transpose
+    def transpose(self) -> TransposedGraph:
+        """The edges grouped by key (computed once per graph, then cached)."""
+        cached = self._cache.get("transpose")
+        if cached is None:
+            cached = _transpose(self)
+            self._cache["transpose"] = cached
+        assert isinstance(cached, TransposedGraph)
+        return cached
+
+    def sorted(self) -> Graph:
+        """A copy whose columns are ascending within each row (O(E log E))."""
+        key = self.row_indices().long() * self.num_keys + self.col_indices.long()
+        key = torch.sort(key).values
+        return Graph(self.crow_indices, (key % max(self.num_keys, 1)).to(self.col_indices.dtype), self.shape)
+
+    # ------------------------------------------------------------ validation
+    def validate(self) -> Graph:
+        """Check the contents (O(E log E)): pointers, column range, no repeated key in a row.
+
+        Returns the graph itself, so ``Graph(...).validate()`` chains. Raises ValueError.
+        """
+        crow, col = self.crow_indices.long(), self.col_indices.long()
+        e = self.num_edges
+        if crow[0].item() != 0 or crow[-1].item() != e:
+            raise ValueError(
+                f"Graph.crow_indices must start at 0 and end at num_edges={e}, got "
+                f"{crow[0].item()} and {crow[-1].item()}"
+            )
+        if (crow.diff() < 0).any():
+            raise ValueError("Graph.crow_indices must be non-decreasing")
+        if e:
+            lo, hi = col.min().item(), col.max().item()
+            if lo < 0 or hi >= self.num_keys:
+                raise ValueError(
+                    f"Graph.col_indices must lie in [0, M={self.num_keys}), found values in [{lo}, {hi}]"
+                )
+            key = torch.sort(self.row_indices().long() * self.num_keys + col).values
+            if (key.diff() == 0).any():
+                raise ValueError("Graph.col_indices repeats a key within a row (duplicate edge)")
+        return self
+
+    def check_compatible(
+        self,
+        batch_size: int,
+        num_heads: int,
+        num_queries: int,
+        num_keys: int,
+        device: torch.device,
+        *,
+        argument: str = "graph",
+    ) -> None:
+        """Raise ValueError unless this graph fits attention inputs of the given sizes."""
+        expected = (batch_size, num_heads, num_queries, num_keys)
+        if self.shape != expected:
+            raise ValueError(
+                f"{argument} has shape (B, H, N, M)={self.shape} but q/k imply {expected}"
+            )
+        if self.device != device:
+            raise ValueError(f"{argument} is on {self.device} but q/k are on {device}")
+
+    def check_masks(self, key_padding_mask: Tensor | None, causal: bool) -> None:
+        """Raise ValueError if an edge reaches a padded key or, with ``causal``, a future key."""
+        if self.num_edges == 0:
+            return
+        b_idx, _, i, j = self.edges()
+        if key_padding_mask is not None and key_padding_mask[b_idx, j].any():
+            raise ValueError("graph has edges to keys marked as padding in key_padding_mask")
+        if causal and (j > i).any():
+            raise ValueError("graph has edges to future keys (j > i) but causal=True")
+
+
+def _transpose(graph: Graph) -> TransposedGraph:
+    b, h, n, m = graph.shape
+    idt = graph.col_indices.dtype
+    if graph.num_edges and use_numba(graph.col_indices):
+        from sbm_transformer.ops import _numba_kernels as nk
+
+        arrays = nk.transpose(graph.crow_indices.numpy(), graph.col_indices.numpy(), b * h, n, m)
+        return TransposedGraph(*(torch.from_numpy(x) for x in arrays))
+    rows_global = graph.row_indices().long()
+    key = (rows_global // max(n, 1)) * m + graph.col_indices.long()  # stacked column (b*H + h)*M + j
+    perm = torch.argsort(key, stable=True)  # edges are in row order, so rows stay sorted per column
+    counts = torch.bincount(key, minlength=b * h * m)
+    ccol = torch.zeros(b * h * m + 1, dtype=idt, device=graph.device)
+    ccol[1:] = counts.cumsum(0)
+    tpos = torch.empty_like(perm)
+    tpos[perm] = torch.arange(perm.numel(), device=perm.device)
+    return TransposedGraph(ccol, (rows_global % max(n, 1))[perm].to(idt), perm.to(idt), tpos.to(idt))

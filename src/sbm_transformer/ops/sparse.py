@@ -1,0 +1,112 @@
+"""SBM edge attention as one autograd Function: O(E * (D + K)) forward and backward.
+
+The straight-through estimator lives inside the op. The forward pass only needs the sampled
+edges, never ``lambda_e = Y_i B Z_j^T``; backward turns the gradient of each edge's 0/1
+indicator into the gradient of ``lambda_e`` (hardtanh, as in the original code) and pushes it
+into Y, Z and B with two sparse products fused into the attention backward passes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from sbm_transformer.graph import Graph
+from sbm_transformer.ops.kernels import Kernels, Memberships
+
+
+class _SBMEdgeAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx: Any,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        Y: Tensor,
+        Z: Tensor,
+        Bx: Tensor,
+        graph: Graph,
+        drop: Tensor | None,
+        scale: float,
+        kernels: Kernels,
+    ) -> tuple[Tensor, Tensor]:
+        bsz, heads, n, d = q.shape
+        m, dv = k.shape[2], v.shape[3]
+        qf = q.reshape(bsz * heads * n, d).contiguous()
+        kf = k.reshape(bsz * heads * m, d).contiguous()
+        vf = v.reshape(bsz * heads * m, dv).contiguous()
+        out, pi = kernels.forward(graph, qf, kf, vf, drop, scale)
+        ctx.save_for_backward(qf, kf, vf, Y, Z, Bx, pi, out, drop)
+        ctx.graph, ctx.scale, ctx.kernels = graph, scale, kernels
+        counts = graph.edges_per_head().to(q.dtype)  # (B, H)
+        return out.reshape(bsz, heads, n, dv), counts
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor, grad_counts: Tensor) -> tuple[Tensor | None, ...]:
+        qf, kf, vf, Y, Z, Bx, pi, out, drop = ctx.saved_tensors
+        graph: Graph = ctx.graph
+        bsz, heads, n, k = Y.shape
+        m, p = Z.shape[2], bsz * heads
+        need_ste = any(ctx.needs_input_grad[3:6])
+        ste = None
+        if need_ste:
+            g_pair = grad_counts.reshape(p) if grad_counts is not None else Y.new_zeros(p)
+            ste = Memberships(
+                Y.reshape(p * n, k).contiguous(), Z.reshape(p * m, k).contiguous(), g_pair.contiguous()
+            )
+        g = grad_out.reshape(out.shape).contiguous()
+        grads = ctx.kernels.backward(graph, qf, kf, vf, drop, pi, out, g, ctx.scale, ste)
+        gq = grads.q.reshape(bsz, heads, n, -1)
+        gk = grads.k.reshape(bsz, heads, m, -1)
+        gv = grads.v.reshape(bsz, heads, m, -1)
+        gY = gZ = gB = None
+        if need_ste:
+            assert grads.gz is not None and grads.gy is not None
+            GZ = grads.gz.reshape(p, n, k)  # sum_j G_ij Z_j
+            GY = grads.gy.reshape(p, m, k)  # sum_i G_ij Y_i
+            Bp = Bx.reshape(p, k, k)
+            gY = (GZ @ Bp.transpose(1, 2)).reshape(Y.shape)  # lambda_ij = Y_i B Z_j^T
+            gZ = (GY @ Bp).reshape(Z.shape)
+            gB = (Y.reshape(p, n, k).transpose(1, 2) @ GZ).reshape(Bx.shape)
+        return gq, gk, gv, gY, gZ, gB, None, None, None, None
+
+
+def sbm_edge_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    Y: Tensor,
+    Z: Tensor,
+    Bx: Tensor,
+    graph: Graph,
+    *,
+    scale: float,
+    kernels: Kernels,
+    drop: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Softmax attention along the edges of ``graph``, with the SBM straight-through estimator.
+
+    ``out_i = sum_j p_ij drop_ij v_j`` with ``p`` the softmax of ``scale q_i k_j^T`` over the
+    edges of query i (zeros for a query without edges). Same function and gradients as
+    :func:`~sbm_transformer.ops.reference.dense_edge_attention` with the dense straight-through
+    indicator of ``lambda = Y B Z^T``.
+
+    Args:
+        q: ``(B, H, N, D)``; k: ``(B, H, M, D)``; v: ``(B, H, M, Dv)``, one floating dtype.
+        Y: ``(B, H, N, K)``; Z: ``(B, H, M, K)``; Bx: ``(B, H, K, K)`` (an expanded view is fine).
+        graph: the edges.
+        scale: score scale.
+        kernels: implementation (see :func:`~sbm_transformer.ops.kernels.get_kernels`).
+        drop: optional ``(E,)`` dropout factors (0 or 1 / (1 - p)), applied after normalisation.
+
+    Returns:
+        ``out`` ``(B, H, N, Dv)`` and the edge count of each (batch, head) pair ``(B, H)`` (float,
+        differentiable through the estimator: its gradient adds to every edge of the pair).
+    """
+    if graph.num_edges == 0:  # nothing to attend to: zeros, and zero gradients for every input
+        zero = sum(t.sum() for t in (q, k, v, Y, Z, Bx)) * 0.0
+        b, h, n, _ = q.shape
+        return q.new_zeros(b, h, n, v.shape[3]) + zero, q.new_zeros(b, h) + zero
+    return _SBMEdgeAttention.apply(q, k, v, Y, Z, Bx, graph, drop, scale, kernels)
