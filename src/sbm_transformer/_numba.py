@@ -21,7 +21,7 @@ def numba_installed() -> bool:
 
 
 def numba_enabled() -> bool:
-    """Whether the numba kernels may be used: installed and not disabled by ``SBMT_DISABLE_NUMBA``."""
+    """Whether the numba kernels may be used: installed, and not disabled by the environment."""
     return numba_installed() and os.environ.get("SBMT_DISABLE_NUMBA", "0") in ("", "0")
 
 
@@ -34,6 +34,6 @@ def sync_threads() -> None:
     """Give numba's parallel loops the same thread count as torch."""
     import numba
 
-    n = min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)
+    n = min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)  # type: ignore[attr-defined]
     if numba.get_num_threads() != n:
         numba.set_num_threads(n)

@@ -12,12 +12,14 @@ Yu 2018). An extra component ``b = K`` draws the exploration layer: Poisson(eps 
 edges per query with uniformly random visible keys. Duplicate (i, j) draws collapse, so an edge is
 present with probability ``1 - exp(-(lambda_ij + eps))``.
 
-Keys are drawn with Walker's alias method (Vose's construction): O(1) work per edge and no
-data-dependent branch. Causal rows draw from all keys of the cluster at rate ``u * total`` and
-drop keys ``j > i``: thinning a Poisson process by a fixed indicator leaves the right Poisson
-process on ``j <= i`` (about half the draws are dropped). Loops over draws run cluster-major so
-that one cluster's alias table stays in cache. Randomness comes from SplitMix64 streams keyed by
-(seed, phase, table): the result does not depend on the number of threads.
+Keys are drawn by rejection from the uniform distribution when a cluster's key weights are flat
+(the heaviest at most 4x the mean: at most 4 tries per draw, nothing to build), otherwise with
+Walker's alias method (Vose's construction): O(M) to build, O(1) per draw. Causal rows draw from
+all keys of the cluster at rate ``u * total`` and drop keys ``j > i``: thinning a Poisson process
+by a fixed indicator leaves the right Poisson process on ``j <= i`` (about half the draws are
+dropped). Loops over draws run cluster-major so that one cluster's alias table stays in cache.
+Randomness comes from SplitMix64 streams keyed by (seed, phase, table): the result does not depend
+on the number of threads.
 """
 
 from __future__ import annotations
@@ -154,20 +156,43 @@ def _alias_draw(state, prob, alias, size):  # pragma: no cover
     return state, (s if y - s < prob[s] else alias[s])
 
 
+#: A cluster whose heaviest key weighs at most this many times the mean draws its keys by
+#: rejection from the uniform distribution (acceptance >= 1/4, no table to build); heavier-tailed
+#: clusters get an alias table (O(M) to build, then O(1) per draw).
+_REJECTION_MAX_RATIO = 4.0
+
+
 @njit(parallel=True, cache=True)
 def _key_tables(zt):  # pragma: no cover
-    """Per (pair, cluster): alias table over the keys, weights ``Z[:, b]``, and their totals."""
+    """Per (pair, cluster): key-weight totals and maxima, and alias tables where needed.
+
+    ``use_alias[p, b]`` tells whether cluster b of pair p got an alias table in
+    ``prob``/``alias``; other clusters sample by rejection, and their (never written) rows of
+    the tables cost no memory.
+    """
     num_pairs, k, m = zt.shape
     prob = np.empty((num_pairs, k, m), np.float64)
     alias = np.empty((num_pairs, k, m), np.int32)
     totals = np.empty((num_pairs, k), np.float64)
+    maxima = np.empty((num_pairs, k), np.float64)
+    use_alias = np.zeros((num_pairs, k), np.bool_)
     for tb in prange(num_pairs * k):
         p, b = tb // k, tb % k
-        scaled = np.empty(m, np.float64)
-        small = np.empty(m, np.int32)
-        large = np.empty(m, np.int32)
-        totals[p, b] = _build_alias(zt[p, b], prob[p, b], alias[p, b], scaled, small, large)
-    return prob, alias, totals
+        total = 0.0
+        top = 0.0
+        for j in range(m):
+            x = zt[p, b, j]
+            total += x
+            top = max(top, x)
+        totals[p, b] = total
+        maxima[p, b] = top
+        if top * m > _REJECTION_MAX_RATIO * total:
+            use_alias[p, b] = True
+            scaled = np.empty(m, np.float64)
+            small = np.empty(m, np.int32)
+            large = np.empty(m, np.int32)
+            _build_alias(zt[p, b], prob[p, b], alias[p, b], scaled, small, large)
+    return prob, alias, totals, maxima, use_alias
 
 
 @njit(parallel=True, cache=True)
@@ -192,23 +217,35 @@ def _count(seed, u, totals, visible, eps, heads, cnt, deg):  # pragma: no cover
 
 
 @njit(parallel=True, cache=True)
-def _fill(seed, prob, alias, valid, visible, causal, heads, cnt, deg, offsets, buf):  # pragma: no cover
+def _fill(
+    seed, zt, maxima, use_alias, prob, alias, valid, visible, causal, heads, cnt, deg, offsets, buf
+):  # pragma: no cover
     """Draw every edge's key into its row's slot for its component (-1 marks a dropped draw)."""
     num_pairs, kk, n = cnt.shape
     k = kk - 1
-    m = prob.shape[2]
+    m = zt.shape[2]
     for tb in prange(num_pairs * kk):
         p, b = tb // kk, tb % kk
         bb = p // heads
         state = _stream(seed, 2, tb)
-        prob_b, alias_b = prob[p, min(b, k - 1)], alias[p, min(b, k - 1)]
+        bk = min(b, k - 1)
+        weights, top, tabled = zt[p, bk], maxima[p, bk], use_alias[p, bk]
+        prob_b, alias_b = prob[p, bk], alias[p, bk]
         for i in range(n):
             r = p * n + i
             st = offsets[r] + cnt[p, b, i]
             en = offsets[r] + (cnt[p, b + 1, i] if b < k else deg[r])
             if b < k:
                 for e in range(st, en):
-                    state, j = _alias_draw(state, prob_b, alias_b, m)
+                    if tabled:
+                        state, j = _alias_draw(state, prob_b, alias_b, m)
+                    else:  # rejection from the uniform proposal
+                        while True:
+                            state, x = _uniform(state)
+                            j = min(int(x * m), m - 1)
+                            state, y = _uniform(state)
+                            if y * top < weights[j]:
+                                break
                     buf[e] = -1 if causal and j > i else j
             else:
                 vis = visible[bb, i]
@@ -275,10 +312,11 @@ def sample_csr(
 
     Returns:
         ``crow`` (P*N + 1,) and ``col`` (E,) of the deduplicated CSR graph (columns within a row
-        in draw order, not sorted); int32 when the edge count and the stacked sizes allow, else int64.
+        in draw order, not sorted); int32 when the edge count and the stacked sizes allow, else
+        int64.
     """
     num_pairs, n, k = u.shape
-    prob, alias, totals = _key_tables(zt)
+    prob, alias, totals, maxima, use_alias = _key_tables(zt)
     cnt = np.empty((num_pairs, k + 1, n), np.int32)
     deg = np.empty(num_pairs * n, np.int64)
     _count(seed, u, totals, visible, eps, heads, cnt, deg)
@@ -288,7 +326,22 @@ def sample_csr(
     fits32 = max(int(offsets[-1]), num_pairs * max(n, m) + 1) <= np.iinfo(np.int32).max
     index_dtype = np.int32 if fits32 else np.int64
     buf = np.empty(int(offsets[-1]), index_dtype)
-    _fill(seed, prob, alias, valid, visible, causal, heads, cnt, deg, offsets, buf)
+    _fill(
+        seed,
+        zt,
+        maxima,
+        use_alias,
+        prob,
+        alias,
+        valid,
+        visible,
+        causal,
+        heads,
+        cnt,
+        deg,
+        offsets,
+        buf,
+    )
     del prob, alias, cnt
     kept = np.empty(num_pairs * n, np.int64)
     _dedup(offsets, buf, m, kept)

@@ -84,7 +84,11 @@ class SBMAttention(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        for name, value in (("embed_dim", embed_dim), ("num_heads", num_heads), ("num_clusters", num_clusters)):
+        for name, value in (
+            ("embed_dim", embed_dim),
+            ("num_heads", num_heads),
+            ("num_clusters", num_clusters),
+        ):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if embed_dim % num_heads != 0:
@@ -96,7 +100,7 @@ class SBMAttention(nn.Module):
         check_exploration(exploration)
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
-        factory = {"device": device, "dtype": dtype}
+        factory: dict = {"device": device, "dtype": dtype}
         self.embed_dim = embed_dim
         self.num_heads = num_heads
         self.head_dim = embed_dim // num_heads
@@ -128,9 +132,9 @@ class SBMAttention(nn.Module):
         nn.init.kaiming_normal_(self.clusters)
         for layer in (self.q_proj, self.k_proj, self.v_proj, self.out_proj):
             layer.reset_parameters()
-        for layer in self.node_mlp:
-            if isinstance(layer, nn.Linear):
-                layer.reset_parameters()
+        for module in self.node_mlp:
+            if isinstance(module, nn.Linear):
+                module.reset_parameters()
         if self.density_logit is not None:
             assert self.init_density is not None
             with torch.no_grad():
@@ -143,7 +147,8 @@ class SBMAttention(nn.Module):
         if rate <= 0:
             raise ValueError(
                 f"init_density={density} is at or below the exploration floor "
-                f"(exploration={self.exploration} gives density {-math.expm1(-self.exploration):.4g}); "
+                f"(exploration={self.exploration} gives density "
+                f"{-math.expm1(-self.exploration):.4g}); "
                 "lower exploration or raise init_density"
             )
         rho = min(4.0 * rate, 1.0 - 1e-6)  # memberships ~1/2 at init, so lambda ~ rho / 4
@@ -164,14 +169,14 @@ class SBMAttention(nn.Module):
         return ", ".join(parts)
 
     def block_matrix(self) -> Tensor:
-        """The block matrices ``(H, K, K)`` (times the density factor when ``init_density`` is set)."""
+        """Block matrices ``(H, K, K)``, times the density factor when ``init_density`` is set."""
         blocks = block_matrix(self.clusters)
         if self.density_logit is not None:
             blocks = blocks * torch.sigmoid(self.density_logit)[:, None, None]
         return blocks
 
     def memberships(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
-        """Memberships ``Y`` (B, H, N, K) of head-split queries ``q`` (B, H, N, D) and ``Z`` of keys."""
+        """Memberships ``Y`` (B, H, N, K) of queries ``q`` (B, H, N, D) and ``Z`` of keys ``k``."""
         centers = self.clusters.transpose(-1, -2)  # (H, D, K)
         Y = torch.sigmoid(self.node_mlp(q) @ centers)
         Z = torch.sigmoid(self.node_mlp(k) @ centers)
@@ -182,12 +187,17 @@ class SBMAttention(nn.Module):
         return x.reshape(b, length, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, L, D)
 
     def _check_inputs(self, query: Tensor, key: Tensor, value: Tensor) -> None:
-        for name, t, width in (("query", query, self.embed_dim), ("key", key, self.kdim), ("value", value, self.vdim)):
+        for name, t, width in (
+            ("query", query, self.embed_dim),
+            ("key", key, self.kdim),
+            ("value", value, self.vdim),
+        ):
             if not isinstance(t, Tensor):
                 raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
             if t.dim() != 3 or t.shape[-1] != width:
                 raise ValueError(
-                    f"{name} must have shape (batch, length, {width}) (batch first), got {tuple(t.shape)}"
+                    f"{name} must have shape (batch, length, {width}) (batch first), "
+                    f"got {tuple(t.shape)}"
                 )
         if key.shape[0] != query.shape[0] or value.shape[0] != query.shape[0]:
             raise ValueError(
@@ -195,7 +205,9 @@ class SBMAttention(nn.Module):
                 f"{key.shape[0]}, {value.shape[0]}"
             )
         if key.shape[1] != value.shape[1]:
-            raise ValueError(f"key and value must have the same length, got {key.shape[1]} and {value.shape[1]}")
+            raise ValueError(
+                f"key and value must have the same length, got {key.shape[1]} and {value.shape[1]}"
+            )
 
     def forward(
         self,

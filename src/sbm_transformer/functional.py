@@ -66,11 +66,14 @@ def _check_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
     if k.dtype != q.dtype or v.dtype != q.dtype:
         raise TypeError(f"q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if k.device != q.device or v.device != q.device:
-        raise ValueError(f"q, k and v must be on one device, got {q.device}, {k.device}, {v.device}")
+        raise ValueError(
+            f"q, k and v must be on one device, got {q.device}, {k.device}, {v.device}"
+        )
     b, h, _, d = q.shape
     if k.shape[0] != b or k.shape[1] != h or k.shape[3] != d:
         raise ValueError(
-            f"k must have shape (B={b}, H={h}, M, D={d}) to match q {tuple(q.shape)}, got {tuple(k.shape)}"
+            f"k must have shape (B={b}, H={h}, M, D={d}) to match q {tuple(q.shape)}, "
+            f"got {tuple(k.shape)}"
         )
     if tuple(v.shape[:3]) != tuple(k.shape[:3]):
         raise ValueError(
@@ -81,9 +84,15 @@ def _check_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
 
 def _check_memberships(q: Tensor, k: Tensor, Y: Tensor, Z: Tensor) -> None:
     if Y.dim() != 4 or tuple(Y.shape[:3]) != tuple(q.shape[:3]):
-        raise ValueError(f"Y must have shape (B, H, N, K) with (B, H, N)={tuple(q.shape[:3])}, got {tuple(Y.shape)}")
+        raise ValueError(
+            f"Y must have shape (B, H, N, K) with (B, H, N)={tuple(q.shape[:3])}, "
+            f"got {tuple(Y.shape)}"
+        )
     if Z.dim() != 4 or tuple(Z.shape[:3]) != tuple(k.shape[:3]):
-        raise ValueError(f"Z must have shape (B, H, M, K) with (B, H, M)={tuple(k.shape[:3])}, got {tuple(Z.shape)}")
+        raise ValueError(
+            f"Z must have shape (B, H, M, K) with (B, H, M)={tuple(k.shape[:3])}, "
+            f"got {tuple(Z.shape)}"
+        )
     if Y.device != q.device:
         raise ValueError(f"Y, Z and B must be on the device of q ({q.device}), got {Y.device}")
 

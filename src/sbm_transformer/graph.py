@@ -34,13 +34,11 @@ class TransposedGraph:
             are positions ``ccol_indices[c]:ccol_indices[c+1]`` of the two arrays below.
         row_indices: ``(E,)`` local query index ``i`` of each edge, ascending within a column.
         perm: ``(E,)`` position in the by-query (CSR) order of the edge at each by-key position.
-        tpos: ``(E,)`` the inverse of ``perm``: by-key position of each edge.
     """
 
     ccol_indices: Tensor
     row_indices: Tensor
     perm: Tensor
-    tpos: Tensor
 
 
 class Graph:
@@ -77,14 +75,19 @@ class Graph:
     ) -> None:
         self.crow_indices = crow_indices
         self.col_indices = col_indices
-        self.shape = tuple(int(s) for s in shape)
+        if len(shape) != 4:
+            raise ValueError(f"Graph shape must be (B, H, N, M), got {tuple(shape)}")
+        b, h, n, m = (int(s) for s in shape)
+        self.shape: tuple[int, int, int, int] = (b, h, n, m)
         self._cache: dict[str, object] = {}
         if check:
             self._check_structure()
 
     def _check_structure(self) -> None:
         if len(self.shape) != 4 or min(self.shape) < 0:
-            raise ValueError(f"Graph shape must be (B, H, N, M) of non-negative sizes, got {self.shape}")
+            raise ValueError(
+                f"Graph shape must be (B, H, N, M) of non-negative sizes, got {self.shape}"
+            )
         b, h, n, _ = self.shape
         for name, t in (("crow_indices", self.crow_indices), ("col_indices", self.col_indices)):
             if t.dim() != 1:
@@ -145,7 +148,9 @@ class Graph:
         if not isinstance(mask, Tensor):
             raise TypeError(f"Graph.from_dense expects a torch.Tensor, got {type(mask).__name__}")
         if mask.dim() != 4:
-            raise ValueError(f"Graph.from_dense expects a (B, H, N, M) mask, got shape {tuple(mask.shape)}")
+            raise ValueError(
+                f"Graph.from_dense expects a (B, H, N, M) mask, got shape {tuple(mask.shape)}"
+            )
         if mask.dtype != torch.bool:
             raise TypeError(f"Graph.from_dense expects a bool mask, got {mask.dtype}")
         b, h, n, m = mask.shape
@@ -165,7 +170,7 @@ class Graph:
         return dense.reshape(b, h, n, m)
 
     def scatter_dense(self, values: Tensor) -> Tensor:
-        """Scatter per-edge ``values`` ``(E,)`` into a dense ``(B, H, N, M)`` tensor (zeros elsewhere).
+        """Scatter per-edge ``values`` ``(E,)`` into a dense ``(B, H, N, M)`` tensor (0 elsewhere).
 
         Differentiable with respect to ``values``.
         """
@@ -219,7 +224,7 @@ class Graph:
         device = torch.device(device)
         if device == self.device:
             return self
-        return Graph(self.crow_indices.to(device), self.col_indices.to(device), self.shape)  # type: ignore[arg-type]
+        return Graph(self.crow_indices.to(device), self.col_indices.to(device), self.shape)
 
     # ------------------------------------------------------------- transpose
     def transpose(self) -> TransposedGraph:
@@ -235,7 +240,9 @@ class Graph:
         """A copy whose columns are ascending within each row (O(E log E))."""
         key = self.row_indices().long() * self.num_keys + self.col_indices.long()
         key = torch.sort(key).values
-        return Graph(self.crow_indices, (key % max(self.num_keys, 1)).to(self.col_indices.dtype), self.shape)
+        return Graph(
+            self.crow_indices, (key % max(self.num_keys, 1)).to(self.col_indices.dtype), self.shape
+        )
 
     # ------------------------------------------------------------ validation
     def validate(self) -> Graph:
@@ -256,7 +263,8 @@ class Graph:
             lo, hi = col.min().item(), col.max().item()
             if lo < 0 or hi >= self.num_keys:
                 raise ValueError(
-                    f"Graph.col_indices must lie in [0, M={self.num_keys}), found values in [{lo}, {hi}]"
+                    f"Graph.col_indices must lie in [0, M={self.num_keys}), "
+                    f"found values in [{lo}, {hi}]"
                 )
             key = torch.sort(self.row_indices().long() * self.num_keys + col).values
             if (key.diff() == 0).any():
@@ -302,11 +310,11 @@ def _transpose(graph: Graph) -> TransposedGraph:
         arrays = nk.transpose(graph.crow_indices.numpy(), graph.col_indices.numpy(), b * h, n, m)
         return TransposedGraph(*(torch.from_numpy(x) for x in arrays))
     rows_global = graph.row_indices().long()
-    key = (rows_global // max(n, 1)) * m + graph.col_indices.long()  # stacked column (b*H + h)*M + j
+    key = (
+        rows_global // max(n, 1)
+    ) * m + graph.col_indices.long()  # stacked column (b*H + h)*M + j
     perm = torch.argsort(key, stable=True)  # edges are in row order, so rows stay sorted per column
     counts = torch.bincount(key, minlength=b * h * m)
     ccol = torch.zeros(b * h * m + 1, dtype=idt, device=graph.device)
     ccol[1:] = counts.cumsum(0)
-    tpos = torch.empty_like(perm)
-    tpos[perm] = torch.arange(perm.numel(), device=perm.device)
-    return TransposedGraph(ccol, (rows_global % max(n, 1))[perm].to(idt), perm.to(idt), tpos.to(idt))
+    return TransposedGraph(ccol, (rows_global % max(n, 1))[perm].to(idt), perm.to(idt))

@@ -52,7 +52,12 @@ def block_matrix(clusters: Tensor) -> Tensor:
 
 # ----------------------------------------------------------------------------- input checks
 def _check_sbm_inputs(
-    Y: Tensor, Z: Tensor, B: Tensor, exploration: float, key_padding_mask: Tensor | None, causal: bool
+    Y: Tensor,
+    Z: Tensor,
+    B: Tensor,
+    exploration: float,
+    key_padding_mask: Tensor | None,
+    causal: bool,
 ) -> Tensor:
     """Validate the SBM inputs; return B expanded to (batch, H, K, K)."""
     for name, t in (("Y", Y), ("Z", Z), ("B", B)):
@@ -81,7 +86,9 @@ def _check_sbm_inputs(
     else:
         raise ValueError(f"B must have shape (H, K, K) or (B, H, K, K), got {tuple(B.shape)}")
     if Z.device != Y.device or B.device != Y.device:
-        raise ValueError(f"Y, Z and B must be on one device, got {Y.device}, {Z.device}, {B.device}")
+        raise ValueError(
+            f"Y, Z and B must be on one device, got {Y.device}, {Z.device}, {B.device}"
+        )
     check_exploration(exploration)
     check_key_padding_mask(key_padding_mask, bsz, Z.shape[2], Y.device)
     if causal and Y.shape[2] != Z.shape[2]:
@@ -113,14 +120,17 @@ def check_key_padding_mask(
         )
     if tuple(mask.shape) != (batch_size, num_keys):
         raise ValueError(
-            f"key_padding_mask must have shape (B={batch_size}, M={num_keys}), got {tuple(mask.shape)}"
+            f"key_padding_mask must have shape (B={batch_size}, M={num_keys}), "
+            f"got {tuple(mask.shape)}"
         )
     if mask.device != device:
         raise ValueError(f"key_padding_mask is on {mask.device} but the inputs are on {device}")
 
 
 # ------------------------------------------------------------------------- dense quantities
-def _visible(key_padding_mask: Tensor | None, causal: bool, n: int, m: int, device: torch.device) -> Tensor:
+def _visible(
+    key_padding_mask: Tensor | None, causal: bool, n: int, m: int, device: torch.device
+) -> Tensor:
     """Bool (B or 1, 1, N, M): which (query, key) pairs may be edges."""
     vis = torch.ones(1, 1, n, m, dtype=torch.bool, device=device)
     if causal:
@@ -131,7 +141,7 @@ def _visible(key_padding_mask: Tensor | None, causal: bool, n: int, m: int, devi
 
 
 def expected_adjacency(Y: Tensor, Z: Tensor, B: Tensor) -> Tensor:
-    """Dense ``lambda = Y B Z^T``: ``(B, H, N, M)``, O(N M K). For tests, plots and the dense backend."""
+    """Dense ``lambda = Y B Z^T`` ``(B, H, N, M)`` in O(N M K): for tests, plots, dense backend."""
     Bx = _check_sbm_inputs(Y, Z, B, 0.0, None, False)
     return Y @ Bx @ Z.transpose(-1, -2)
 
@@ -175,7 +185,9 @@ def expected_num_edges(
     Bx = _check_sbm_inputs(Y, Z, B, exploration, key_padding_mask, causal)
     with torch.no_grad():
         Zm = _masked_keys(Z, key_padding_mask)
-        visible = _visible_counts(key_padding_mask, causal, Y.shape[0], Y.shape[2], Z.shape[2], Y.device)
+        visible = _visible_counts(
+            key_padding_mask, causal, Y.shape[0], Y.shape[2], Z.shape[2], Y.device
+        )
         if causal:
             u = Y @ Bx  # (B, H, N, K)
             lam = (u * Zm.cumsum(2)).sum(-1).sum(-1)
@@ -231,7 +243,8 @@ def sample_graph(
     Args:
         Y: ``(B, H, N, K)`` query memberships, values >= 0 (sigmoid outputs in the model).
         Z: ``(B, H, M, K)`` key memberships, values >= 0.
-        B: ``(H, K, K)`` or ``(B, H, K, K)`` block matrix, values >= 0 (entries sum to 1 in the model).
+        B: ``(H, K, K)`` or ``(B, H, K, K)`` block matrix, values >= 0 (entries sum to at most 1
+            in the model).
         exploration: rate ``eps`` of the uniform exploration layer on every visible pair.
         key_padding_mask: ``(B, M)`` bool, True marks padding keys, which get no edge.
         causal: only pairs with ``j <= i`` (requires N == M).
@@ -243,7 +256,7 @@ def sample_graph(
         A :class:`Graph`; each edge is present independently with :func:`edge_probability`.
     """
     Bx = _check_sbm_inputs(Y, Z, B, exploration, key_padding_mask, causal)
-    bsz, heads, n, k = Y.shape
+    bsz, heads, n, _ = Y.shape
     m = Z.shape[2]
     if max_edges is not None:
         expected = float(
@@ -362,7 +375,9 @@ def _sample_torch(
     cum = visible.cumsum(1)  # (B, N), row i covers flat indices [cum[i] - visible[i], cum[i])
     big = int(seq_total.max().item()) + 1 if bsz else 1
     offs = torch.arange(bsz, device=dev).unsqueeze(1) * big
-    er_i = torch.searchsorted((cum + offs).reshape(-1), flat + er_seq * big, right=True) - er_seq * n
+    er_i = (
+        torch.searchsorted((cum + offs).reshape(-1), flat + er_seq * big, right=True) - er_seq * n
+    )
     er_pos = flat - (cum[er_seq, er_i] - visible[er_seq, er_i])
     er_j = valid[er_seq, er_pos]
     # Collapse duplicates and sort by (pair, query, key).

@@ -5,8 +5,9 @@ Two implementations of the same two operations, on the stacked layout (query row
 ``(B*H*M, F)`` tensors, per-edge values ``(E,)`` in the graph's CSR order):
 
 * ``forward``: scores ``s_e = scale <q_r, k_c>`` on the edges, ``pi`` = their softmax within each
-  query row, ``out_r = sum_e pi_e drop_e v_c``. Returns ``out`` and ``pi`` (kept for backward).
-  A row without edges outputs zeros.
+  query row, ``out_r = sum_e pi_e drop_e v_c``. Returns ``out`` and what backward needs of the
+  softmax (its weights ``pi`` (E,) for torch; each row's log-sum-exp (B*H*N,) for numba, which
+  recomputes ``pi``). A row without edges outputs zeros.
 * ``backward``: gradients of q, k, v and, given the memberships, the straight-through products
   ``G Z`` ``(B*H*N, K)`` and ``G^T Y`` ``(B*H*M, K)`` where ``G_e = clip(t_e + g_pair, -1, 1)``,
   ``t_e`` the gradient of edge e's 0/1 indicator and ``g_pair`` the gradient of its pair's edge
@@ -61,7 +62,7 @@ class Kernels(Protocol):
         k: Tensor,
         v: Tensor,
         drop: Tensor | None,
-        pi: Tensor,
+        softmax: Tensor,
         out: Tensor,
         grad_out: Tensor,
         scale: float,
@@ -76,7 +77,7 @@ class TorchKernels:
     name = "torch"
 
     @staticmethod
-    def _cached(graph: Graph, name: str, build) -> Tensor:  # noqa: ANN001
+    def _cached(graph: Graph, name: str, build) -> Tensor:
         value = graph._cache.get(name)
         if value is None:
             value = build()
@@ -149,12 +150,13 @@ class TorchKernels:
         k: Tensor,
         v: Tensor,
         drop: Tensor | None,
-        pi: Tensor,
+        softmax: Tensor,
         out: Tensor,
         grad_out: Tensor,
         scale: float,
         ste: Memberships | None,
     ) -> Grads:
+        pi = softmax
         gp = self._sddmm(graph, grad_out, v)
         wv = pi
         if drop is not None:
@@ -174,7 +176,7 @@ class TorchKernels:
 
 
 # ------------------------------------------------------------------------------------ numba
-def _np(t: Tensor):  # noqa: ANN202 - a numpy view sharing memory
+def _np(t: Tensor):
     return t.detach().contiguous().numpy()
 
 
@@ -190,13 +192,14 @@ class NumbaKernels:
 
         sync_threads()
         out = q.new_empty(q.shape[0], v.shape[1])
-        pi = q.new_empty(graph.num_edges)
+        lse = q.new_empty(q.shape[0])
         drop_np = _np(drop) if drop is not None else _np(q.new_empty(0))
         nk.forward(
             _np(graph.crow_indices), _np(graph.col_indices), _np(q), _np(k), _np(v), drop_np,
-            scale, graph.num_queries, graph.num_keys, out.numpy(), pi.numpy(),
+            scale, graph.num_queries, graph.num_keys, out.numpy(), lse.numpy(),
+            q.new_empty(graph.num_edges).numpy(),
         )  # fmt: skip
-        return out, pi
+        return out, lse
 
     def backward(
         self,
@@ -205,7 +208,7 @@ class NumbaKernels:
         k: Tensor,
         v: Tensor,
         drop: Tensor | None,
-        pi: Tensor,
+        softmax: Tensor,
         out: Tensor,
         grad_out: Tensor,
         scale: float,
@@ -219,24 +222,63 @@ class NumbaKernels:
         crow, col = _np(graph.crow_indices), _np(graph.col_indices)
         ccol, trow = _np(t.ccol_indices), _np(t.row_indices)
         drop_np = _np(drop) if drop is not None else _np(q.new_empty(0))
-        g = _np(grad_out)
-        g_pair = ste.g_pair.to(q.dtype) if ste is not None else q.new_zeros(graph.batch_size * graph.num_heads)
-        gq = torch.empty_like(q)
-        w = q.new_empty(e, 2)  # per-edge weights by query: scale * t, G
-        w_t = q.new_empty(e, 4)  # by key: scale * t, pi * drop, G, (unused)
+        qn, kn, vn, g, lse = _np(q), _np(k), _np(v), _np(grad_out), _np(softmax)
+        pairs = graph.batch_size * graph.num_heads
+        g_pair = _np(ste.g_pair.to(q.dtype) if ste is not None else q.new_zeros(pairs))
+        gq, rs, gl = torch.empty_like(q), q.new_empty(q.shape[0]), q.new_empty(e)
         nk.backward_rows(
-            crow, col, _np(t.tpos), _np(k), _np(v), drop_np, _np(pi), _np(out), g, _np(g_pair),
-            scale, n, m, gq.numpy(), w.numpy(), w_t.numpy(),
+            crow, col, qn, kn, vn, drop_np, lse, _np(out), g, g_pair, scale, n, m, gq.numpy(),
+            gl.numpy(), rs.numpy(),
         )  # fmt: skip
-        gk, gv = torch.empty_like(k), torch.empty_like(v)
-        nk.backward_cols(ccol, trow, _np(q), g, w_t.numpy(), n, m, gk.numpy(), gv.numpy())
+        gk, gv, gl_t = torch.empty_like(k), torch.empty_like(v), q.new_empty(e)
+        nk.backward_cols(
+            ccol, trow, _np(t.perm), qn, kn, vn, drop_np, lse, rs.numpy(), g, g_pair, scale, n, m,
+            gk.numpy(), gv.numpy(), gl_t.numpy(),
+        )  # fmt: skip
         if ste is None:
             return Grads(gq, gk, gv, None, None)
         gz = q.new_empty(q.shape[0], ste.z.shape[1])
-        nk.spmm(crow, col, w.numpy(), 1, _np(ste.z), n, m, gz.numpy())
         gy = q.new_empty(k.shape[0], ste.y.shape[1])
-        nk.spmm_t(ccol, trow, w_t.numpy(), 2, _np(ste.y), n, m, gy.numpy())
+        shift = _tile_shift(ste.z)
+        if shift is None or m <= 1 << shift:
+            nk.spmm(crow, col, gl.numpy(), _np(ste.z), n, m, gz.numpy())
+        else:
+            ptr, order = _cached(
+                graph,
+                ("row_tiles", shift),
+                lambda: nk.group_by_tile(crow, col, shift, -(-m >> shift)),
+            )
+            nk.spmm_tiled(ptr, order, col, gl.numpy(), _np(ste.z), n, m, gz.numpy())
+        if shift is None or n <= 1 << shift:
+            nk.spmm_t(ccol, trow, gl_t.numpy(), _np(ste.y), n, m, gy.numpy())
+        else:
+            ptr = _cached(
+                graph,
+                ("col_tiles", shift),
+                lambda: nk.tile_pointers(ccol, trow, shift, -(-n >> shift)),
+            )
+            nk.spmm_tiled(ptr, ccol[:0], trow, gl_t.numpy(), _np(ste.y), m, n, gy.numpy())
         return Grads(gq, gk, gv, gz, gy)
+
+
+#: Gathered rows of a table this large (per pair) stay in L2 when the products run tile by tile.
+_TILE_BYTES = 1 << 20
+
+
+def _tile_shift(table: Tensor) -> int | None:
+    """log2 of the rows per tile for a membership table (rows of K values), None if tiny."""
+    row_bytes = table.shape[1] * table.element_size()
+    if row_bytes == 0:
+        return None
+    return max(int(_TILE_BYTES // row_bytes).bit_length() - 1, 0)
+
+
+def _cached(graph: Graph, key: object, build):
+    value = graph._cache.get(key)  # type: ignore[call-overload]
+    if value is None:
+        value = build()
+        graph._cache[key] = value  # type: ignore[index]
+    return value
 
 
 _TORCH = TorchKernels()
@@ -244,7 +286,7 @@ _NUMBA = NumbaKernels()
 
 
 def get_kernels(name: str, *tensors: Tensor) -> Kernels:
-    """Kernels by name: ``"torch"``, ``"numba"`` or ``"auto"`` (numba for CPU tensors when installed)."""
+    """Kernels by name: ``"torch"``, ``"numba"``, or ``"auto"`` (numba on CPU if installed)."""
     if name == "torch":
         return _TORCH
     if name == "numba":

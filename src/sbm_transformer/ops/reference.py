@@ -46,8 +46,8 @@ def dense_edge_attention(
 ) -> Tensor:
     """Softmax attention restricted to the edges of ``mask``, each edge weighted by ``weights``.
 
-    ``out_i = sum_j p_ij drop_ij v_j``,  ``p_ij = w_ij exp(s_ij) / sum_l w_il exp(s_il)`` over edges,
-    ``s = scale * q k^T``. Rows whose weights sum to zero (no edge) output zeros.
+    ``out_i = sum_j p_ij drop_ij v_j`` with ``p_ij = w_ij exp(s_ij) / sum_l w_il exp(s_il)`` over
+    the edges, ``s = scale * q k^T``. Rows whose weights sum to zero (no edge) output zeros.
 
     Args:
         q: ``(B, H, N, D)``; k: ``(B, H, M, D)``; v: ``(B, H, M, Dv)``.

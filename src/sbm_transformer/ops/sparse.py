@@ -37,15 +37,15 @@ class _SBMEdgeAttention(torch.autograd.Function):
         qf = q.reshape(bsz * heads * n, d).contiguous()
         kf = k.reshape(bsz * heads * m, d).contiguous()
         vf = v.reshape(bsz * heads * m, dv).contiguous()
-        out, pi = kernels.forward(graph, qf, kf, vf, drop, scale)
-        ctx.save_for_backward(qf, kf, vf, Y, Z, Bx, pi, out, drop)
+        out, softmax = kernels.forward(graph, qf, kf, vf, drop, scale)
+        ctx.save_for_backward(qf, kf, vf, Y, Z, Bx, softmax, out, drop)
         ctx.graph, ctx.scale, ctx.kernels = graph, scale, kernels
         counts = graph.edges_per_head().to(q.dtype)  # (B, H)
         return out.reshape(bsz, heads, n, dv), counts
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor, grad_counts: Tensor) -> tuple[Tensor | None, ...]:
-        qf, kf, vf, Y, Z, Bx, pi, out, drop = ctx.saved_tensors
+        qf, kf, vf, Y, Z, Bx, softmax, out, drop = ctx.saved_tensors
         graph: Graph = ctx.graph
         bsz, heads, n, k = Y.shape
         m, p = Z.shape[2], bsz * heads
@@ -54,10 +54,12 @@ class _SBMEdgeAttention(torch.autograd.Function):
         if need_ste:
             g_pair = grad_counts.reshape(p) if grad_counts is not None else Y.new_zeros(p)
             ste = Memberships(
-                Y.reshape(p * n, k).contiguous(), Z.reshape(p * m, k).contiguous(), g_pair.contiguous()
+                Y.reshape(p * n, k).contiguous(),
+                Z.reshape(p * m, k).contiguous(),
+                g_pair.contiguous(),
             )
         g = grad_out.reshape(out.shape).contiguous()
-        grads = ctx.kernels.backward(graph, qf, kf, vf, drop, pi, out, g, ctx.scale, ste)
+        grads = ctx.kernels.backward(graph, qf, kf, vf, drop, softmax, out, g, ctx.scale, ste)
         gq = grads.q.reshape(bsz, heads, n, -1)
         gk = grads.k.reshape(bsz, heads, m, -1)
         gv = grads.v.reshape(bsz, heads, m, -1)

@@ -1,0 +1,546 @@
+"""Attention benchmark: SBM sparse attention vs SDPA vs the dense SBM backend, side by side.
+
+One forward + backward of one attention layer's core on given q, k, v ``(1, H, N, D)``:
+
+* ``sparse``: SBM memberships (node MLP, sigmoid), block matrix, sampling the graph, sparse
+  attention, and backward into q, k, v and every SBM parameter (straight-through estimator);
+  the loss includes ``1e-4 * density.mean()`` as in training. ``sampling`` is the sampler alone.
+* ``sdpa``: ``torch.nn.functional.scaled_dot_product_attention`` (full softmax attention).
+* ``dense``: the same SBM attention with ``backend="dense"`` (O(N^2) memory), what the original
+  code ran.
+
+Times are medians over rounds in which the methods run interleaved (machines here are noisy:
+only ratios measured side by side count). Peak memory is measured in a fresh subprocess per
+method and size: the growth of the peak resident set (Linux ``VmHWM``) during one call, or the
+CUDA allocator's peak on a GPU.
+
+Run ``sbmt bench attention`` (or ``python benchmarks/attention.py``); ``--quick`` for a smoke run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from sbm_transformer._numba import numba_enabled
+from sbm_transformer.attention import SBMAttention
+from sbm_transformer.functional import sbm_attention
+from sbm_transformer.sampling import sample_graph
+
+METHODS = ("sparse", "sdpa", "dense")
+
+
+@dataclass(frozen=True)
+class Case:
+    """One benchmark configuration: sequence length and a target sparsity."""
+
+    n: int
+    edges_per_query: float | None = None  # fixed edges per query, or
+    density: float | None = None  # fixed density
+
+    @property
+    def target_density(self) -> float:
+        if self.density is not None:
+            return self.density
+        assert self.edges_per_query is not None
+        return min(self.edges_per_query / self.n, 0.9)
+
+    @property
+    def label(self) -> str:
+        if self.density is not None:
+            return f"{self.density:.0%} density"
+        return f"{self.edges_per_query:g} edges/query"
+
+
+@dataclass
+class Settings:
+    heads: int = 2
+    head_dim: int = 32
+    clusters: int = 128
+    rounds: int = 3
+    dense_max_n: int = 4096
+    sdpa_max_n: int = 65536
+    max_edges: int = 120_000_000
+    device: str = "cpu"
+    dtype: str = "float32"
+    seed: int = 0
+
+
+@dataclass
+class Row:
+    case: Case
+    edges: int = 0
+    density: float = 0.0
+    times: dict[str, float] = field(default_factory=dict)  # method -> median seconds
+    memory: dict[str, float] = field(default_factory=dict)  # method -> peak bytes
+    skipped: dict[str, str] = field(default_factory=dict)  # method -> reason
+
+
+# ------------------------------------------------------------------------------ workloads
+class Workload:
+    """Inputs and the three methods for one case."""
+
+    def __init__(self, case: Case, s: Settings) -> None:
+        self.case, self.s = case, s
+        dev, dtype = torch.device(s.device), getattr(torch, s.dtype)
+        g = torch.Generator(device="cpu").manual_seed(s.seed)
+        shape = (1, s.heads, case.n, s.head_dim)
+        self.q, self.k, self.v, self.grad = (
+            torch.randn(shape, generator=g).to(dev, dtype) for _ in range(4)
+        )
+        for t in (self.q, self.k, self.v):
+            t.requires_grad_(True)
+        torch.manual_seed(s.seed)
+        self.attn = SBMAttention(
+            s.heads * s.head_dim, s.heads, s.clusters, exploration=0.0,
+            init_density=case.target_density, device=dev, dtype=dtype,
+        )  # fmt: skip
+        self.generator = torch.Generator(device=dev).manual_seed(s.seed)
+
+    def _zero_grads(self) -> None:
+        for t in (self.q, self.k, self.v, *self.attn.parameters()):
+            t.grad = None
+
+    def memberships(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        Y, Z = self.attn.memberships(self.q, self.k)
+        return Y, Z, self.attn.block_matrix()
+
+    def run_sbm(self, backend: str) -> int:
+        self._zero_grads()
+        Y, Z, B = self.memberships()
+        out, stats = sbm_attention(
+            self.q, self.k, self.v, Y, Z, B, exploration=0.0, backend=backend,
+            generator=self.generator,
+        )  # fmt: skip
+        ((out * self.grad).sum() + 1e-4 * stats.density.mean()).backward()
+        return stats.num_edges
+
+    def run_sdpa(self) -> int:
+        self._zero_grads()
+        out = torch.nn.functional.scaled_dot_product_attention(self.q, self.k, self.v)
+        (out * self.grad).sum().backward()
+        return 0
+
+    def run_sampling(self) -> int:
+        with torch.no_grad():
+            Y, Z, B = self.memberships()
+        return sample_graph(Y, Z, B, generator=self.generator).num_edges
+
+    def method(self, name: str) -> Callable[[], int]:
+        return {
+            "sparse": lambda: self.run_sbm("sparse"),
+            "dense": lambda: self.run_sbm("dense"),
+            "sdpa": self.run_sdpa,
+            "sampling": self.run_sampling,
+        }[name]
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def skip_reason(method: str, case: Case, s: Settings) -> str | None:
+    expected_edges = case.target_density * case.n * case.n * s.heads
+    if method in ("sparse", "sampling") and expected_edges > s.max_edges:
+        return f"{expected_edges / 1e6:.0f}M edges > --max-edges"
+    if method == "dense" and case.n > s.dense_max_n:
+        return f"N > {s.dense_max_n} (N x N memory)"
+    if method == "sdpa" and case.n > s.sdpa_max_n:
+        return f"N > {s.sdpa_max_n}"
+    return None
+
+
+def time_case(case: Case, s: Settings, methods: Sequence[str], log: Callable[[str], None]) -> Row:
+    """Median time of each method, the methods interleaved round by round."""
+    row = Row(case)
+    work = Workload(case, s)
+    active = []
+    for name in (*methods, "sampling"):
+        reason = skip_reason(name, case, s)
+        if reason:
+            row.skipped[name] = reason
+        else:
+            active.append(name)
+    samples: dict[str, list[float]] = {name: [] for name in active}
+    for name in active:  # warm-up (JIT compilation, caches)
+        edges = work.method(name)()
+        if name == "sparse":
+            row.edges = edges
+    for _ in range(s.rounds):
+        for name in active:
+            _sync(s.device)
+            t0 = time.perf_counter()
+            work.method(name)()
+            _sync(s.device)
+            samples[name].append(time.perf_counter() - t0)
+    row.times = {name: statistics.median(v) for name, v in samples.items()}
+    row.density = row.edges / (s.heads * case.n * case.n) if row.edges else 0.0
+    log(
+        f"N={case.n:>6} {case.label:>16}: "
+        + ", ".join(f"{k} {v:.3f}s" for k, v in row.times.items())
+        + (f"  (E={row.edges:,})" if row.edges else "")
+    )
+    return row
+
+
+# -------------------------------------------------------------------------------- memory
+def _probe(case: Case, s: Settings, method: str) -> dict[str, float]:
+    """Peak memory of one call of ``method``; runs in its own process."""
+    work = Workload(case, s)
+    fn = work.method(method)
+    if s.device.startswith("cuda"):
+        fn()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return {"peak_bytes": float(torch.cuda.max_memory_allocated() - before)}
+    small = Workload(Case(256, density=0.05), s)  # load compiled kernels without a big peak
+    small.method(method)()
+    del small
+    work._zero_grads()
+    before = _status_kib("VmRSS")
+    reset = _reset_peak_rss()
+    fn()
+    peak = _status_kib("VmHWM") if reset else _maxrss_kib()
+    return {"peak_bytes": float(max(peak - before, 0) * 1024)}
+
+
+def _status_kib(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{key} not in /proc/self/status")
+
+
+def _reset_peak_rss() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
+        return True
+    except OSError:
+        return False
+
+
+def _maxrss_kib() -> int:
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+
+
+def measure_memory(case: Case, s: Settings, method: str) -> float:
+    cmd = [
+        sys.executable, "-m", "sbm_transformer.bench", "_probe",
+        "--case", json.dumps(asdict(case)), "--settings", json.dumps(asdict(s)), "--method", method,
+    ]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(
+            f"memory probe failed for {method} at N={case.n}:\n{done.stderr[-2000:]}"
+        )
+    return float(json.loads(done.stdout.strip().splitlines()[-1])["peak_bytes"])
+
+
+# ---------------------------------------------------------------------- density at init
+def density_at_init(s: Settings, n: int = 1024, init_density: float | None = None) -> float:
+    """Mean density of a freshly initialised SBMAttention on random inputs (exploration 0.01)."""
+    torch.manual_seed(s.seed)
+    attn = SBMAttention(
+        s.heads * s.head_dim, s.heads, s.clusters, exploration=0.01, init_density=init_density
+    )
+    with torch.no_grad():
+        _, stats = attn(torch.randn(2, n, s.heads * s.head_dim))
+    return float(stats.density.mean())
+
+
+# ------------------------------------------------------------------------------ reporting
+def _fmt_time(t: float | None) -> str:
+    return "-" if t is None else (f"{t * 1000:.1f} ms" if t < 1 else f"{t:.2f} s")
+
+
+def _fmt_mem(b: float | None) -> str:
+    if b is None:
+        return "-"
+    return f"{b / 2**20:.0f} MiB" if b < 2**30 else f"{b / 2**30:.2f} GiB"
+
+
+def _ratio(a: float | None, b: float | None) -> str:
+    return "-" if a is None or b is None or b == 0 else f"{a / b:.2f}"
+
+
+def targets(rows: list[Row]) -> list[tuple[str, str, bool | None]]:
+    """The issue's performance targets, checked against the measured rows."""
+    by = {(r.case.n, r.case.label): r for r in rows}
+    out: list[tuple[str, str, bool | None]] = []
+
+    def t(n: int, label: str, method: str) -> float | None:
+        r = by.get((n, label))
+        return None if r is None else r.times.get(method)
+
+    def mem(n: int, label: str, method: str) -> float | None:
+        r = by.get((n, label))
+        return None if r is None else r.memory.get(method)
+
+    for epq in (32, 128):
+        a, b = t(65536, f"{epq} edges/query", "sparse"), t(16384, f"{epq} edges/query", "sparse")
+        ok = None if a is None or b is None else a / b <= 4.5
+        out.append(
+            (f"linear in edges: time(64k)/time(16k) at {epq} edges/query <= 4.5", _ratio(a, b), ok)
+        )
+    a, b = t(16384, "1% density", "sparse"), t(16384, "1% density", "sdpa")
+    out.append(
+        (
+            "N=16k, 1% density: sparse / SDPA (fwd+bwd) <= 0.5",
+            _ratio(a, b),
+            None if a is None or b is None else a / b <= 0.5,
+        )
+    )
+    a, b = t(4096, "1% density", "dense"), t(4096, "1% density", "sparse")
+    out.append(
+        (
+            "N=4k, 1% density: dense / sparse time >= 10",
+            _ratio(a, b),
+            None if a is None or b is None else a / b >= 10,
+        )
+    )
+    a, b = mem(4096, "1% density", "dense"), mem(4096, "1% density", "sparse")
+    out.append(
+        (
+            "N=4k, 1% density: dense / sparse peak memory >= 10",
+            _ratio(a, b),
+            None if a is None or b is None else a / b >= 10,
+        )
+    )
+    m = mem(65536, "128 edges/query", "sparse")
+    out.append(
+        (
+            "N=64k, 128 edges/query: peak memory < 4 GiB",
+            _fmt_mem(m),
+            None if m is None else m < 4 * 2**30,
+        )
+    )
+    shares = [
+        r.times["sampling"] / r.times["sparse"]
+        for r in rows
+        if "sampling" in r.times and "sparse" in r.times
+    ]
+    worst = max(shares) if shares else None
+    out.append(
+        (
+            "sampling <= 1/3 of sparse fwd+bwd (worst case over the table)",
+            "-" if worst is None else f"{worst:.2f}",
+            None if worst is None else worst <= 1 / 3,
+        )
+    )
+    return out
+
+
+def markdown(
+    rows: list[Row], s: Settings, command: str, init: dict[str, float], plot: str | None
+) -> str:
+    lines = [
+        "# Attention benchmark",
+        "",
+        "Produced by:",
+        "",
+        "```",
+        command,
+        "```",
+        "",
+        f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__} "
+        f"({torch.get_num_threads()} threads), device {s.device}, {s.dtype}; numba kernels: "
+        f"{'on' if numba_enabled() else 'off'}. One layer's attention core, batch 1, "
+        f"{s.heads} heads, head size {s.head_dim}, K = {s.clusters} clusters, exploration 0; "
+        "fwd+bwd of `sum(out * g)` (+ 1e-4 * density for SBM). Times: medians of "
+        f"{s.rounds} interleaved rounds. Memory: growth of the peak resident set during one call, "
+        "each in a fresh process.",
+        "",
+        "`sparse` = SBM attention with the sparse backend, everything included (memberships, "
+        "sampling, attention, backward into q, k, v and the SBM parameters); `sampling` = the "
+        "sampler alone (part of `sparse`); `sdpa` = `scaled_dot_product_attention`; `dense` = SBM "
+        "attention with the dense O(N^2) backend (the original code's path).",
+        "",
+        "| N | sparsity | edges | density | sparse | sampling | sdpa | dense | sparse/sdpa "
+        "| dense/sparse | mem sparse | mem sdpa | mem dense |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        tt, mm = r.times, r.memory
+        lines.append(
+            f"| {r.case.n:,} | {r.case.label} | {r.edges:,} | {r.density:.4f} | "
+            f"{_fmt_time(tt.get('sparse'))} | {_fmt_time(tt.get('sampling'))} | "
+            f"{_fmt_time(tt.get('sdpa'))} | "
+            f"{_fmt_time(tt.get('dense'))} | {_ratio(tt.get('sparse'), tt.get('sdpa'))} | "
+            f"{_ratio(tt.get('dense'), tt.get('sparse'))} | {_fmt_mem(mm.get('sparse'))} | "
+            f"{_fmt_mem(mm.get('sdpa'))} | {_fmt_mem(mm.get('dense'))} |"
+        )
+    skipped = sorted({f"{m}: {why}" for r in rows for m, why in r.skipped.items()})
+    if skipped:
+        lines += ["", "Not run: " + "; ".join(skipped) + "."]
+    lines += ["", "## Targets", "", "| target | measured | met |", "|---|---:|:---:|"]
+    for goal, measured, ok in targets(rows):
+        verdict = "yes" if ok else ("n/a" if ok is None else "**no**")
+        lines.append(f"| {goal} | {measured} | {verdict} |")
+    lines += [
+        "",
+        "## Density at initialisation",
+        "",
+        f"Freshly initialised `SBMAttention(embed_dim={s.heads * s.head_dim}, num_heads={s.heads}, "
+        f"num_clusters={s.clusters})`, random inputs, N = 1024, exploration 0.01:",
+        "",
+    ]
+    for name, value in init.items():
+        lines.append(f"- {name}: {value:.2%}")
+    if plot:
+        lines += ["", f"![time and memory vs N]({Path(plot).name})"]
+    return "\n".join(lines) + "\n"
+
+
+def plot_rows(rows: list[Row], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
+    labels = sorted({r.case.label for r in rows}, key=lambda x: (x.endswith("density"), x))
+    styles = {"sparse": "-o", "sdpa": "--s", "dense": ":^"}
+    for ax, what in zip(axes, ("times", "memory"), strict=True):
+        for label in labels:
+            sub = [r for r in rows if r.case.label == label]
+            for method in ("sparse", "dense"):
+                pts = [
+                    (r.case.n, getattr(r, what)[method]) for r in sub if method in getattr(r, what)
+                ]
+                if pts:
+                    ax.plot(*zip(*pts, strict=True), styles[method], label=f"SBM {method}, {label}")
+        sd = sorted(
+            {(r.case.n, getattr(r, what)["sdpa"]) for r in rows if "sdpa" in getattr(r, what)}
+        )
+        if sd:
+            ax.plot(
+                *zip(*sd, strict=True), styles["sdpa"], color="k", label="SDPA (full attention)"
+            )
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("sequence length N")
+        ax.set_ylabel("fwd+bwd time (s)" if what == "times" else "peak memory (bytes)")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle("SBM sparse attention vs SDPA vs dense SBM (fwd+bwd, one layer)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------- main
+def build_cases(
+    sizes: Sequence[int], epqs: Sequence[float], densities: Sequence[float]
+) -> list[Case]:
+    cases = [Case(n, edges_per_query=e) for n in sizes for e in epqs]
+    cases += [Case(n, density=d) for n in sizes for d in densities]
+    return sorted(
+        cases, key=lambda c: (c.density is not None, c.edges_per_query or 0, c.density or 0, c.n)
+    )
+
+
+def run(argv: Sequence[str] | None = None, log: Callable[[str], None] = print) -> list[Row]:
+    p = argparse.ArgumentParser(prog="sbmt bench attention", description=__doc__.split("\n\n")[0])
+    p.add_argument("--sizes", type=int, nargs="+", default=[1024, 4096, 16384, 65536])
+    p.add_argument("--edges-per-query", type=float, nargs="*", default=[32, 128])
+    p.add_argument("--densities", type=float, nargs="*", default=[0.01, 0.05])
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--clusters", type=int, default=128)
+    p.add_argument("--heads", type=int, default=2)
+    p.add_argument("--head-dim", type=int, default=32)
+    p.add_argument("--dense-max-n", type=int, default=4096)
+    p.add_argument("--max-edges", type=int, default=120_000_000)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16"])
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    p.add_argument("--quick", action="store_true", help="N = 1k and 4k, one round: a smoke run")
+    p.add_argument(
+        "--out", default=None, help="write the markdown report here (e.g. docs/benchmarks.md)"
+    )
+    p.add_argument("--plot", default=None, help="write the log-log PNG here")
+    p.add_argument("--json", default=None, help="write the raw rows as JSON here")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.sizes, args.rounds = [n for n in args.sizes if n <= 4096][:2] or [1024], 1
+    s = Settings(
+        heads=args.heads, head_dim=args.head_dim, clusters=args.clusters, rounds=args.rounds,
+        dense_max_n=args.dense_max_n, max_edges=args.max_edges, device=args.device,
+        dtype=args.dtype,
+    )  # fmt: skip
+    cases = build_cases(args.sizes, args.edges_per_query, args.densities)
+    rows = []
+    for case in cases:
+        row = time_case(case, s, args.methods, log)
+        if not args.no_memory:
+            for method in row.times:
+                if method != "sampling":
+                    row.memory[method] = measure_memory(case, s, method)
+            log(
+                f"{'':>26}peak memory: "
+                + ", ".join(f"{k} {_fmt_mem(v)}" for k, v in row.memory.items())
+            )
+        rows.append(row)
+    init = {
+        "original initialisation (K = 128)": density_at_init(s),
+        "init_density=0.02": density_at_init(s, init_density=0.02),
+    }
+    for name, value in init.items():
+        log(f"density at init, {name}: {value:.2%}")
+    command = "sbmt bench attention " + " ".join(argv if argv is not None else sys.argv[1:])
+    if args.plot:
+        Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
+        plot_rows(rows, args.plot)
+        log(f"plot: {args.plot}")
+    report = markdown(rows, s, command.strip(), init, args.plot)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(report)
+        log(f"report: {args.out}")
+    else:
+        log(report)
+    if args.json:
+        Path(args.json).write_text(json.dumps([asdict(r) for r in rows], indent=1))
+    for goal, measured, ok in targets(rows):
+        log(
+            f"target: {goal}: {measured} -> {'met' if ok else ('n/a' if ok is None else 'NOT MET')}"
+        )
+    return rows
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["_probe"]:
+        p = argparse.ArgumentParser()
+        p.add_argument("_probe")
+        p.add_argument("--case", required=True)
+        p.add_argument("--settings", required=True)
+        p.add_argument("--method", required=True)
+        a = p.parse_args(argv)
+        result = _probe(Case(**json.loads(a.case)), Settings(**json.loads(a.settings)), a.method)
+        print(json.dumps(result))
+        return
+    run(argv)
+
+
+if __name__ == "__main__":
+    main()

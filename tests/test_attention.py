@@ -1,0 +1,177 @@
+"""SBMAttention: a drop-in batch-first module whose backends agree and which trains."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import SPARSE_BACKENDS, padding_mask
+from torch import nn
+
+from sbm_transformer import SBMAttention
+
+
+def grads_of(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.grad.clone() for name, p in module.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("backend", SPARSE_BACKENDS)
+@pytest.mark.parametrize("cross", [False, True])
+def test_module_backends_agree_on_every_parameter_gradient(backend: str, cross: bool) -> None:
+    torch.manual_seed(0)
+    attn = SBMAttention(
+        24,
+        3,
+        num_clusters=5,
+        exploration=0.05,
+        kdim=10 if cross else None,
+        vdim=6 if cross else None,
+        init_density=0.3,
+    ).double()
+    x = torch.randn(2, 11, 24, dtype=torch.float64)
+    kv = torch.randn(2, 7, 10, dtype=torch.float64) if cross else None
+    vv = torch.randn(2, 7, 6, dtype=torch.float64) if cross else None
+    mask = padding_mask(2, 7 if cross else 11)
+    _, stats = attn(x, kv, vv, key_padding_mask=mask)
+    results = {}
+    for name in ("dense", backend):
+        attn.zero_grad()
+        attn.backend = name
+        out, st = attn(x, kv, vv, key_padding_mask=mask, graph=stats.graph)
+        ((out**2).mean() + 0.5 * st.density.mean()).backward()
+        results[name] = (out.detach(), grads_of(attn))
+    out_d, grads_d = results["dense"]
+    out_s, grads_s = results[backend]
+    assert torch.allclose(out_s, out_d, rtol=1e-9, atol=1e-12)
+    assert set(grads_s) == set(grads_d) and "clusters" in grads_s and "density_logit" in grads_s
+    for name, g in grads_d.items():
+        assert torch.allclose(grads_s[name], g, rtol=1e-6, atol=1e-12), name
+
+
+@pytest.mark.parametrize("backend", SPARSE_BACKENDS)
+def test_tiny_model_trains(backend: str) -> None:
+    """Token task needing attention: predict the token at position 0 from every position."""
+    torch.manual_seed(0)
+    vocab, length, dim = 8, 16, 32
+
+    class Tiny(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = nn.Embedding(vocab, dim)
+            self.pos = nn.Parameter(torch.randn(length, dim) * 0.1)
+            self.attn = SBMAttention(dim, 2, num_clusters=8, exploration=0.05, backend=backend)
+            self.head = nn.Linear(dim, vocab)
+
+        def forward(self, tokens: torch.Tensor):
+            h = self.emb(tokens) + self.pos
+            a, stats = self.attn(h)
+            return self.head(h + a), stats
+
+    model = Tiny()
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    gen = torch.Generator().manual_seed(1)
+    losses = []
+    for _ in range(200):
+        tokens = torch.randint(0, vocab, (16, length), generator=gen)
+        logits, stats = model(tokens)
+        target = tokens[:, :1].expand(-1, length)
+        loss = nn.functional.cross_entropy(logits.reshape(-1, vocab), target.reshape(-1))
+        (loss + 1e-4 * stats.density.mean()).backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    first, last = sum(losses[:10]) / 10, sum(losses[-20:]) / 20
+    assert last < 0.5 * first, f"loss {first:.3f} -> {last:.3f}"
+
+
+def test_causal_output_ignores_the_future() -> None:
+    torch.manual_seed(0)
+    attn = SBMAttention(16, 2, num_clusters=4, causal=True, backend="sparse")
+    x = torch.randn(1, 10, 16)
+    out, stats = attn(x)
+    x2 = x.clone()
+    x2[:, 6:] += 5.0
+    out2, _ = attn(x2, graph=stats.graph)
+    assert torch.allclose(out[:, :6], out2[:, :6])
+    assert not torch.allclose(out[:, 6:], out2[:, 6:])
+
+
+def test_padded_keys_never_matter() -> None:
+    torch.manual_seed(0)
+    attn = SBMAttention(16, 2, num_clusters=4, exploration=0.5)
+    x = torch.randn(2, 9, 16)
+    mask = torch.zeros(2, 9, dtype=torch.bool)
+    mask[:, 6:] = True
+    out, _ = attn(x, key_padding_mask=mask, generator=torch.Generator().manual_seed(3))
+    x2 = x.clone()
+    x2[:, 6:] = 100.0  # garbage in the padding
+    # queries at padded positions change (they are queries too), keys there must not matter
+    out2, _ = attn(x2, x2, x2, key_padding_mask=mask, generator=torch.Generator().manual_seed(3))
+    assert torch.allclose(out[:, :6], out2[:, :6], atol=1e-5)
+
+
+def test_generator_reproduces_output_and_eval_disables_dropout() -> None:
+    torch.manual_seed(0)
+    attn = SBMAttention(16, 4, num_clusters=4, dropout=0.5)
+    x = torch.randn(2, 12, 16)
+    a, _ = attn(x, generator=torch.Generator().manual_seed(1))
+    b, _ = attn(x, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(a, b)
+    attn.eval()
+    c, sc = attn(x, generator=torch.Generator().manual_seed(1))
+    d, _ = attn(x, graph=sc.graph)
+    assert torch.equal(c, d)  # no dropout in eval: the graph determines the output
+
+
+def test_init_density_sets_the_starting_density() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(2, 400, 64)
+    default = SBMAttention(64, 2, num_clusters=128)
+    _, st = default(x)
+    assert 0.15 < st.density.mean().item() < 0.35  # the original's ~25 % at initialisation
+    sparse_start = SBMAttention(64, 2, num_clusters=128, init_density=0.02)
+    _, st = sparse_start(x)
+    assert 0.014 < st.density.mean().item() < 0.028
+    with pytest.raises(ValueError, match="exploration floor"):
+        SBMAttention(64, 2, exploration=0.01, init_density=0.005)
+
+
+def test_state_dict_round_trip_and_repr() -> None:
+    a = SBMAttention(32, 4, num_clusters=6, init_density=0.1)
+    b = SBMAttention(32, 4, num_clusters=6, init_density=0.1)
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(1, 5, 32)
+    g = torch.Generator().manual_seed(0)
+    assert torch.equal(a(x, generator=g)[0], b(x, generator=torch.Generator().manual_seed(0))[0])
+    assert "num_clusters=6" in repr(a) and "init_density=0.1" in repr(a)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(embed_dim=30, num_heads=4), r"embed_dim \(30\) must be divisible by num_heads \(4\)"),
+        (dict(embed_dim=32, num_heads=0), "num_heads must be a positive int"),
+        (dict(embed_dim=32, num_heads=4, backend="cuda"), "unknown backend 'cuda'"),
+        (dict(embed_dim=32, num_heads=4, dropout=1.5), r"dropout must be in \[0, 1\)"),
+        (dict(embed_dim=32, num_heads=4, exploration=float("inf")), "exploration must be finite"),
+        (dict(embed_dim=32, num_heads=4, init_density=2.0), r"init_density must be in \(0, 1\)"),
+    ],
+)
+def test_bad_configuration(kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        SBMAttention(**kwargs)
+
+
+def test_bad_call_arguments() -> None:
+    attn = SBMAttention(16, 2, num_clusters=4, kdim=8)
+    x = torch.randn(2, 5, 16)
+    with pytest.raises(ValueError, match=r"query must have shape \(batch, length, 16\)"):
+        attn(x[0])
+    with pytest.raises(ValueError, match=r"key must have shape \(batch, length, 8\)"):
+        attn(x, x, x)
+    with pytest.raises(ValueError, match="share the batch size"):
+        attn(x, torch.randn(3, 5, 8), torch.randn(3, 5, 16))
+    with pytest.raises(TypeError, match="key_padding_mask must be a bool"):
+        attn(x, torch.randn(2, 5, 8), x, key_padding_mask=torch.zeros(2, 5))
+    causal = SBMAttention(16, 2, num_clusters=4, causal=True)
+    with pytest.raises(ValueError, match="causal=True needs as many queries as keys"):
+        causal(x, torch.randn(2, 7, 16))

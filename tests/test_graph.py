@@ -1,0 +1,99 @@
+"""Graph: CSR by query, conversions, transpose, validation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import sbm_inputs
+
+from sbm_transformer import Graph, sample_graph
+from sbm_transformer.graph import TransposedGraph
+
+
+def random_mask(b: int, h: int, n: int, m: int, p: float = 0.3, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(b, h, n, m, generator=g) < p
+
+
+def test_dense_round_trip_and_counts() -> None:
+    mask = random_mask(2, 3, 7, 5)
+    mask[0, 1, 3] = False  # an empty row
+    graph = Graph.from_dense(mask).validate()
+    assert graph.shape == (2, 3, 7, 5)
+    assert graph.num_edges == int(mask.sum())
+    assert torch.equal(graph.to_dense(), mask)
+    assert torch.equal(graph.degrees(), mask.sum(-1))
+    assert torch.equal(graph.edges_per_head(), mask.sum((-1, -2)))
+    assert torch.allclose(graph.density(), mask.double().mean((0, 2, 3)))
+    b, h, i, j = graph.edges()
+    assert mask[b, h, i, j].all() and b.numel() == graph.num_edges
+
+
+def test_scatter_dense_is_differentiable() -> None:
+    mask = random_mask(1, 2, 4, 6)
+    graph = Graph.from_dense(mask)
+    vals = torch.arange(graph.num_edges, dtype=torch.float64, requires_grad=True)
+    dense = graph.scatter_dense(vals)
+    assert torch.equal(dense != 0, mask & (dense != 0))
+    dense.sum().backward()
+    assert torch.equal(vals.grad, torch.ones_like(vals))
+
+
+@pytest.mark.parametrize("impl", ["torch", "numba"])
+def test_transpose_groups_edges_by_key(impl: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SBMT_DISABLE_NUMBA", "1" if impl == "torch" else "0")
+    mask = random_mask(2, 2, 9, 11, seed=3)
+    graph = Graph.from_dense(mask)
+    t = graph.transpose()
+    assert isinstance(t, TransposedGraph)
+    b, h, n, m = graph.shape
+    assert torch.equal(t.ccol_indices.diff(), mask.sum(2).reshape(-1))  # in-degree per key
+    assert torch.equal(
+        graph.col_indices[t.perm.long()],
+        torch.repeat_interleave(torch.arange(b * h * m) % m, t.ccol_indices.diff().long()).to(
+            graph.col_indices.dtype
+        ),
+    )
+    assert torch.equal(graph.row_indices()[t.perm.long()] % n, t.row_indices)
+    assert torch.equal(t.perm.sort().values, torch.arange(graph.num_edges, dtype=t.perm.dtype))
+    assert graph.transpose() is t  # cached
+
+
+def test_sorted_keeps_the_edges() -> None:
+    Y, Z, B = sbm_inputs(2, 2, 12, 10, 3, scale=2.0)
+    graph = sample_graph(Y, Z, B, exploration=0.1)
+    s = graph.sorted()
+    assert torch.equal(s.to_dense(), graph.to_dense())
+    rows = s.row_indices()
+    assert not ((rows.diff() == 0) & (s.col_indices.diff() <= 0)).any()
+
+
+def test_structure_errors() -> None:
+    crow = torch.tensor([0, 1, 2], dtype=torch.int32)
+    col = torch.tensor([0, 1], dtype=torch.int32)
+    with pytest.raises(ValueError, match="must have B\\*H\\*N \\+ 1 = 3 entries"):
+        Graph(crow[:2], col, (1, 1, 2, 2))
+    with pytest.raises(TypeError, match="share a dtype"):
+        Graph(crow, col.long(), (1, 1, 2, 2))
+    with pytest.raises(TypeError, match="int32 or int64"):
+        Graph(crow.float(), col, (1, 1, 2, 2))
+    with pytest.raises(ValueError, match=r"col_indices must lie in \[0, M=2\)"):
+        Graph(crow, torch.tensor([0, 2], dtype=torch.int32), (1, 1, 2, 2)).validate()
+    with pytest.raises(ValueError, match="duplicate edge"):
+        Graph(
+            torch.tensor([0, 2, 2], dtype=torch.int32),
+            torch.tensor([1, 1], dtype=torch.int32),
+            (1, 1, 2, 2),
+        ).validate()
+    with pytest.raises(ValueError, match="end at num_edges"):
+        Graph(torch.tensor([0, 1, 3], dtype=torch.int32), col, (1, 1, 2, 2)).validate()
+    with pytest.raises(TypeError, match="bool mask"):
+        Graph.from_dense(torch.ones(1, 1, 2, 2))
+    with pytest.raises(ValueError, match=r"\(B, H, N, M\) mask"):
+        Graph.from_dense(torch.ones(2, 2, dtype=torch.bool))
+
+
+def test_repr_and_to() -> None:
+    graph = Graph.from_dense(random_mask(1, 2, 3, 4))
+    assert "num_edges" in repr(graph) and "B=1" in repr(graph)
+    assert graph.to("cpu") is graph

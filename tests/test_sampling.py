@@ -1,0 +1,206 @@
+"""The fastRG sampler realises exactly edge_probability, reproducibly, in O(edges)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import padding_mask, sbm_inputs
+
+from sbm_transformer import (
+    block_matrix,
+    edge_probability,
+    expected_adjacency,
+    expected_num_edges,
+    sample_graph,
+)
+
+
+def empirical_frequency(Y, Z, B, *, copies: int, rounds: int, seed: int, **kw) -> torch.Tensor:
+    """Edge frequencies of one (1, H, N, M) problem over copies * rounds independent graphs.
+
+    The problem is replicated along the batch, so one call samples ``copies`` graphs.
+    """
+    _, h, n, k = Y.shape
+    m = Z.shape[2]
+    Yr, Zr = Y.expand(copies, h, n, k).contiguous(), Z.expand(copies, h, m, k).contiguous()
+    mask = kw.pop("key_padding_mask", None)
+    if mask is not None:
+        mask = mask.expand(copies, m).contiguous()
+    g = torch.Generator().manual_seed(seed)
+    total = torch.zeros(h, n, m, dtype=torch.float64)
+    for _ in range(rounds):
+        graph = sample_graph(Yr, Zr, B, key_padding_mask=mask, generator=g, **kw).validate()
+        total += graph.to_dense().double().sum(0)
+    return total / (copies * rounds)
+
+
+def assert_matches_probability(freq: torch.Tensor, prob: torch.Tensor, samples: int) -> None:
+    """Every pair within 5 binomial standard errors; impossible pairs never sampled."""
+    assert torch.all(freq[prob == 0] == 0), "an edge with probability 0 was sampled"
+    inner = (prob > 0) & (prob < 1)
+    se = (prob * (1 - prob) / samples).sqrt()
+    z = ((freq - prob) / se)[inner]
+    assert z.abs().max() < 5.0, f"max |z| = {z.abs().max():.2f}"
+    # and the z-scores look like standard normals overall (chi-square per degree of freedom)
+    assert 0.5 < (z**2).mean() < 1.6, f"mean z^2 = {(z**2).mean():.3f} over {z.numel()} pairs"
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_edge_frequencies_match_edge_probability(sampler_impl: str, causal: bool) -> None:
+    n, m = (6, 6) if causal else (5, 7)
+    Y, Z, B = sbm_inputs(1, 2, n, m, 3, seed=1, scale=2.5)
+    mask = torch.zeros(1, m, dtype=torch.bool)
+    mask[0, 2] = True
+    kw = dict(exploration=0.05, key_padding_mask=mask, causal=causal)
+    prob = edge_probability(Y, Z, B, **kw)[0]
+    freq = empirical_frequency(Y, Z, B, copies=2000, rounds=10, seed=7, **kw)
+    assert_matches_probability(freq, prob, 20000)
+
+
+def test_large_rates_use_the_exact_large_mean_poisson(sampler_impl: str) -> None:
+    # Per (query, cluster) rates of ~50: the sampler's PTRS branch, not the small-rate inversion.
+    Y, _, B = sbm_inputs(1, 1, 3, 300, 2, seed=2, scale=0.9)
+    Z = torch.full((1, 1, 300, 2), 0.95, dtype=torch.float64)
+    prob = edge_probability(Y, Z, B)[0]
+    freq = empirical_frequency(Y, Z, B, copies=200, rounds=10, seed=3)
+    assert_matches_probability(freq, prob, 2000)
+
+
+def test_exploration_layer_alone_is_uniform(sampler_impl: str) -> None:
+    Y, Z, B = sbm_inputs(1, 1, 4, 8, 2)
+    mask = torch.zeros(1, 8, dtype=torch.bool)
+    mask[0, 5:] = True
+    kw = dict(exploration=0.3, key_padding_mask=mask, causal=False)
+    freq = empirical_frequency(Y * 0, Z, B, copies=2000, rounds=5, seed=1, **kw)
+    prob = edge_probability(Y * 0, Z, B, **kw)[0]
+    assert torch.allclose(prob[..., :5], torch.tensor(-math.expm1(-0.3), dtype=torch.float64))
+    assert_matches_probability(freq, prob, 10000)
+
+
+def test_expected_edge_count(sampler_impl: str) -> None:
+    Y, Z, B = sbm_inputs(3, 2, 40, 30, 4, seed=4)
+    mask = padding_mask(3, 30)
+    kw = dict(exploration=0.01, key_padding_mask=mask)
+    prob = edge_probability(Y, Z, B, **kw)
+    g = torch.Generator().manual_seed(0)
+    rounds = 200
+    counts = torch.tensor(
+        [sample_graph(Y, Z, B, generator=g, **kw).num_edges for _ in range(rounds)],
+        dtype=torch.float64,
+    )
+    mean, var = prob.sum(), (prob * (1 - prob)).sum()
+    assert abs(counts.mean() - mean) < 5 * (var / rounds).sqrt()
+    assert (
+        0.5 < counts.var() / var < 1.6
+    )  # edges are independent: the count's variance is sum p(1-p)
+
+
+def test_no_edges_to_padding_or_the_future(sampler_impl: str) -> None:
+    Y, Z, B = sbm_inputs(4, 3, 33, 33, 5, seed=5, scale=3.0)
+    mask = padding_mask(4, 33)
+    graph = sample_graph(Y, Z, B, exploration=0.2, key_padding_mask=mask, causal=True)
+    graph.validate()
+    dense = graph.to_dense()
+    assert not dense[mask[:, None, None, :].expand_as(dense)].any()
+    assert not dense[..., ~torch.ones(33, 33, dtype=torch.bool).tril()].any()
+    assert graph.num_edges > 0
+
+
+def test_generator_reproduces_the_graph(sampler_impl: str) -> None:
+    Y, Z, B = sbm_inputs(2, 2, 50, 60, 4)
+    first = sample_graph(Y, Z, B, exploration=0.01, generator=torch.Generator().manual_seed(11))
+    again = sample_graph(Y, Z, B, exploration=0.01, generator=torch.Generator().manual_seed(11))
+    other = sample_graph(Y, Z, B, exploration=0.01, generator=torch.Generator().manual_seed(12))
+    assert torch.equal(first.crow_indices, again.crow_indices)
+    assert torch.equal(first.col_indices, again.col_indices)
+    assert not torch.equal(first.to_dense(), other.to_dense())
+    torch.manual_seed(5)
+    a = sample_graph(Y, Z, B)
+    torch.manual_seed(5)
+    b = sample_graph(Y, Z, B)
+    assert torch.equal(a.col_indices, b.col_indices)
+
+
+def test_index_dtype_is_int32_when_sizes_allow(sampler_impl: str) -> None:
+    Y, Z, B = sbm_inputs(1, 1, 20, 20, 2)
+    graph = sample_graph(Y, Z, B)
+    assert graph.crow_indices.dtype == torch.int32 and graph.col_indices.dtype == torch.int32
+
+
+def test_low_precision_inputs_are_sampled(sampler_impl: str) -> None:
+    Y, Z, B = sbm_inputs(1, 2, 16, 16, 4, dtype=torch.float32)
+    graph = sample_graph(Y.bfloat16(), Z.bfloat16(), B.bfloat16(), exploration=0.01)
+    assert graph.shape == (1, 2, 16, 16)
+    graph.validate()
+
+
+def test_empty_sizes(sampler_impl: str) -> None:
+    Y, Z, B = sbm_inputs(2, 1, 0, 5, 3)
+    assert sample_graph(Y, Z, B).num_edges == 0
+    Y, Z, B = sbm_inputs(2, 1, 4, 0, 3)
+    assert sample_graph(Y, Z, B, exploration=0.1).num_edges == 0
+
+
+def test_fully_padded_sequence_gets_no_edge(sampler_impl: str) -> None:
+    Y, Z, B = sbm_inputs(2, 2, 6, 6, 3, scale=3.0)
+    mask = torch.zeros(2, 6, dtype=torch.bool)
+    mask[1] = True
+    graph = sample_graph(Y, Z, B, exploration=0.5, key_padding_mask=mask)
+    assert graph.edges_per_head()[1].sum() == 0
+    assert graph.edges_per_head()[0].sum() > 0
+
+
+def test_expected_num_edges_matches_the_dense_sum() -> None:
+    Y, Z, B = sbm_inputs(3, 2, 9, 9, 4, seed=3)
+    mask = padding_mask(3, 9)
+    for causal in (False, True):
+        got = expected_num_edges(Y, Z, B, exploration=0.02, key_padding_mask=mask, causal=causal)
+        lam = expected_adjacency(Y, Z, B) + 0.02
+        vis = ~mask[:, None, None, :].expand_as(lam)
+        if causal:
+            vis = vis & torch.ones(9, 9, dtype=torch.bool).tril()
+        assert torch.allclose(got, (lam * vis).sum((-1, -2)))
+
+
+def test_max_edges_guard_raises_before_sampling() -> None:
+    Y, Z, B = sbm_inputs(1, 1, 100, 100, 2)
+    with pytest.raises(ValueError, match="max_edges=10"):
+        sample_graph(Y, Z, B, max_edges=10)
+    assert sample_graph(Y, Z, B, max_edges=10**6).num_edges > 0
+
+
+def test_block_matrix_is_a_distribution_over_block_pairs() -> None:
+    C = torch.randn(3, 5, 8)
+    B = block_matrix(C)
+    assert B.shape == (3, 5, 5)
+    assert torch.allclose(B.sum((-1, -2)), torch.ones(3))
+    assert torch.allclose(B, B.transpose(-1, -2))  # C C^T is symmetric
+
+
+@pytest.mark.parametrize(
+    ("change", "error", "match"),
+    [
+        (dict(Y=torch.rand(2, 3, 4)), ValueError, r"Y must have shape \(B, H, N, K\)"),
+        (dict(Z=torch.rand(1, 2, 5, 4)), ValueError, "Z must have shape"),
+        (dict(B=torch.rand(2, 3, 4)), ValueError, "B must have shape"),
+        (dict(Y=torch.ones(1, 2, 4, 3, dtype=torch.long)), TypeError, "floating-point"),
+        (dict(exploration=-0.1), ValueError, "exploration must be finite and >= 0"),
+        (dict(exploration=float("nan")), ValueError, "exploration must be finite"),
+        (dict(exploration="0.1"), TypeError, "exploration must be a float"),
+        (dict(key_padding_mask=torch.zeros(1, 5)), TypeError, "key_padding_mask must be a bool"),
+        (
+            dict(key_padding_mask=torch.zeros(2, 5, dtype=torch.bool)),
+            ValueError,
+            r"shape \(B=1, M=5\)",
+        ),
+        (dict(causal=True), ValueError, "causal=True needs as many queries as keys"),
+    ],
+)
+def test_bad_inputs_name_the_problem(change: dict, error: type, match: str) -> None:
+    Y, Z, B = sbm_inputs(1, 2, 4, 5, 3)
+    kw = dict(Y=Y, Z=Z, B=B, exploration=0.0)
+    kw.update(change)
+    with pytest.raises(error, match=match):
+        sample_graph(kw.pop("Y"), kw.pop("Z"), kw.pop("B"), **kw)
