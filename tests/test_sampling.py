@@ -204,3 +204,13 @@ def test_bad_inputs_name_the_problem(change: dict, error: type, match: str) -> N
     kw.update(change)
     with pytest.raises(error, match=match):
         sample_graph(kw.pop("Y"), kw.pop("Z"), kw.pop("B"), **kw)
+
+
+def test_peaked_key_memberships_use_alias_tables(sampler_impl: str) -> None:
+    # A few heavy keys per cluster: the numba sampler switches from rejection to alias tables.
+    Y, _, B = sbm_inputs(1, 2, 4, 12, 3, seed=6, scale=2.0)
+    Z = torch.full((1, 2, 12, 3), 1e-3, dtype=torch.float64)
+    Z[..., 2, 0] = Z[..., 7, 1] = Z[..., 11, 2] = 0.9
+    prob = edge_probability(Y, Z, B, exploration=0.02)[0]
+    freq = empirical_frequency(Y, Z, B, copies=2000, rounds=10, seed=8, exploration=0.02)
+    assert_matches_probability(freq, prob, 20000)

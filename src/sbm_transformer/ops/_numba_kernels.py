@@ -20,7 +20,9 @@ never promoted to float64, which would stop vectorisation.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.extending import intrinsic
 
 # No 'nnan'/'ninf': the row maximum starts at -inf.
 _FASTMATH = {"nsz", "arcp", "contract", "reassoc"}
@@ -30,6 +32,59 @@ _FASTMATH = {"nsz", "arcp", "contract", "reassoc"}
 def _typed(value, like):  # pragma: no cover - compiled
     """``value`` as a scalar of the dtype of array ``like``."""
     return np.full(1, value, like.dtype)[0]
+
+
+#: Each parallel loop over rows (or key columns) covers whole (batch, head) pairs at a time, at
+#: least this many rows: the tables it gathers from then belong to few pairs and stay in cache
+#: (both threads on one pair instead of one pair each measured 1.4x faster at N = 64k).
+_MIN_GROUP_ROWS = 4096
+
+
+@njit(inline="always")
+def _pair_group(rows_per_pair):  # pragma: no cover
+    """Rows per parallel region: a whole number of pairs, at least ``_MIN_GROUP_ROWS``."""
+    return max(1, -(-_MIN_GROUP_ROWS // max(rows_per_pair, 1))) * max(rows_per_pair, 1)
+
+
+#: Edges ahead whose gathered row the sparse products prefetch.
+_PREFETCH_DISTANCE = 8
+
+
+@intrinsic
+def _prefetch_row(typingctx, array, row):  # pragma: no cover - code generation
+    """Prefetch (read, keep in cache) the first 512 bytes of ``array[row]`` of a C-contiguous 2-D array.
+
+    Gathers of wide rows from tables larger than the caches are latency-bound; asking for the
+    row a few edges ahead measured 1.45x faster for K = 128 (no effect on narrow rows).
+    """
+    sig = types.void(array, row)
+
+    def codegen(context, builder, signature, args):
+        arr = context.make_array(signature.args[0])(context, builder, args[0])
+        width = builder.extract_value(arr.shape, 1)
+        itemsize = context.get_abi_sizeof(context.get_data_type(signature.args[0].dtype))
+        row_bytes = builder.mul(width, ir.Constant(width.type, itemsize))
+        index = args[1]
+        if index.type.width < width.type.width:
+            index = builder.sext(index, width.type)
+        offset = builder.mul(index, row_bytes)
+        i8p = ir.IntType(8).as_pointer()
+        base = builder.bitcast(arr.data, i8p)
+        i32 = ir.IntType(32)
+        fnty = ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32])
+        fn = builder.module.globals.get("llvm.prefetch.p0") or ir.Function(
+            builder.module, fnty, name="llvm.prefetch.p0"
+        )
+        for line in range(8):
+            inside = builder.icmp_unsigned("<", ir.Constant(row_bytes.type, 64 * line), row_bytes)
+            with builder.if_then(inside):
+                ptr = builder.gep(base, [builder.add(offset, ir.Constant(offset.type, 64 * line))])
+                builder.call(
+                    fn, [ptr, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)]
+                )
+        return context.get_dummy_value()
+
+    return sig, codegen
 
 
 @njit(parallel=True, cache=True)
@@ -73,37 +128,39 @@ def forward(crow, col, q, k, v, drop, scale, n, m, out, lse, scratch):  # pragma
     has_drop = drop.shape[0] > 0
     zero, one = _typed(0.0, q), _typed(1.0, q)
     neg_inf, sc = _typed(-np.inf, q), _typed(scale, q)
-    for r in prange(num_rows):
-        st, en = crow[r], crow[r + 1]
-        for d in range(dim_v):
-            out[r, d] = zero
-        lse[r] = neg_inf
-        if st == en:
-            continue
-        base = (r // n) * m
-        row_max = neg_inf
-        for e in range(st, en):
-            kr = base + col[e]
-            s = zero
-            for d in range(dim):
-                s += q[r, d] * k[kr, d]
-            s *= sc
-            scratch[e] = s
-            row_max = max(row_max, s)
-        total = zero
-        for e in range(st, en):
-            w = np.exp(scratch[e] - row_max)
-            scratch[e] = w
-            total += w
-        inv = one / total
-        lse[r] = row_max + np.log(total)
-        for e in range(st, en):
-            p = scratch[e] * inv
-            if has_drop:
-                p *= drop[e]
-            kr = base + col[e]
+    step = _pair_group(n)
+    for first in range(0, num_rows, step):
+        for r in prange(first, min(num_rows, first + step)):
+            st, en = crow[r], crow[r + 1]
             for d in range(dim_v):
-                out[r, d] += p * v[kr, d]
+                out[r, d] = zero
+            lse[r] = neg_inf
+            if st == en:
+                continue
+            base = (r // n) * m
+            row_max = neg_inf
+            for e in range(st, en):
+                kr = base + col[e]
+                s = zero
+                for d in range(dim):
+                    s += q[r, d] * k[kr, d]
+                s *= sc
+                scratch[e] = s
+                row_max = max(row_max, s)
+            total = zero
+            for e in range(st, en):
+                w = np.exp(scratch[e] - row_max)
+                scratch[e] = w
+                total += w
+            inv = one / total
+            lse[r] = row_max + np.log(total)
+            for e in range(st, en):
+                p = scratch[e] * inv
+                if has_drop:
+                    p *= drop[e]
+                kr = base + col[e]
+                for d in range(dim_v):
+                    out[r, d] += p * v[kr, d]
 
 
 @njit(parallel=True, cache=True, fastmath=_FASTMATH)
@@ -124,35 +181,37 @@ def backward_rows(
     has_drop = drop.shape[0] > 0
     zero, sc = _typed(0.0, g), _typed(scale, g)
     lo, hi = _typed(-1.0, g), _typed(1.0, g)
-    for r in prange(num_rows):
-        st, en = crow[r], crow[r + 1]
-        for d in range(dim):
-            gq[r, d] = zero
-        rs = zero
-        for d in range(dim_v):
-            rs += g[r, d] * out[r, d]
-        rs_out[r] = rs
-        if st == en:
-            continue
-        base = (r // n) * m
-        shift = g_pair[r // n]
-        row_lse = lse[r]
-        for e in range(st, en):
-            kr = base + col[e]
-            s = zero
+    step = _pair_group(n)
+    for first in range(0, num_rows, step):
+        for r in prange(first, min(num_rows, first + step)):
+            st, en = crow[r], crow[r + 1]
             for d in range(dim):
-                s += q[r, d] * k[kr, d]
-            gp = zero
+                gq[r, d] = zero
+            rs = zero
             for d in range(dim_v):
-                gp += g[r, d] * v[kr, d]
-            if has_drop:
-                gp *= drop[e]
-            t = np.exp(s * sc - row_lse) * (gp - rs)
-            c = t * sc
-            for d in range(dim):
-                gq[r, d] += c * k[kr, d]
-            t += shift
-            ste[e] = hi if t > hi else (lo if t < lo else t)
+                rs += g[r, d] * out[r, d]
+            rs_out[r] = rs
+            if st == en:
+                continue
+            base = (r // n) * m
+            shift = g_pair[r // n]
+            row_lse = lse[r]
+            for e in range(st, en):
+                kr = base + col[e]
+                s = zero
+                for d in range(dim):
+                    s += q[r, d] * k[kr, d]
+                gp = zero
+                for d in range(dim_v):
+                    gp += g[r, d] * v[kr, d]
+                if has_drop:
+                    gp *= drop[e]
+                t = np.exp(s * sc - row_lse) * (gp - rs)
+                c = t * sc
+                for d in range(dim):
+                    gq[r, d] += c * k[kr, d]
+                t += shift
+                ste[e] = hi if t > hi else (lo if t < lo else t)
 
 
 @njit(parallel=True, cache=True, fastmath=_FASTMATH)
@@ -170,39 +229,41 @@ def backward_cols(
     has_drop = drop.shape[0] > 0
     zero, sc = _typed(0.0, gk), _typed(scale, gk)
     lo, hi = _typed(-1.0, gk), _typed(1.0, gk)
-    for c in prange(num_cols):
-        for d in range(dim):
-            gk[c, d] = zero
-        for d in range(dim_v):
-            gv[c, d] = zero
-        st, en = ccol[c], ccol[c + 1]
-        if st == en:
-            continue
-        rbase = (c // m) * n
-        shift = g_pair[c // m]
-        for t in range(st, en):
-            r = rbase + trow[t]
-            s = zero
+    step = _pair_group(m)
+    for first in range(0, num_cols, step):
+        for c in prange(first, min(num_cols, first + step)):
             for d in range(dim):
-                s += q[r, d] * k[c, d]
-            gp = zero
+                gk[c, d] = zero
             for d in range(dim_v):
-                gp += g[r, d] * v[c, d]
-            pi = np.exp(s * sc - lse[r])
-            if has_drop:
-                dr = drop[perm[t]]
-                gp *= dr
-                wv = pi * dr
-            else:
-                wv = pi
-            tt = pi * (gp - rs[r])
-            wk = tt * sc
-            for d in range(dim):
-                gk[c, d] += wk * q[r, d]
-            for d in range(dim_v):
-                gv[c, d] += wv * g[r, d]
-            tt += shift
-            ste_t[t] = hi if tt > hi else (lo if tt < lo else tt)
+                gv[c, d] = zero
+            st, en = ccol[c], ccol[c + 1]
+            if st == en:
+                continue
+            rbase = (c // m) * n
+            shift = g_pair[c // m]
+            for t in range(st, en):
+                r = rbase + trow[t]
+                s = zero
+                for d in range(dim):
+                    s += q[r, d] * k[c, d]
+                gp = zero
+                for d in range(dim_v):
+                    gp += g[r, d] * v[c, d]
+                pi = np.exp(s * sc - lse[r])
+                if has_drop:
+                    dr = drop[perm[t]]
+                    gp *= dr
+                    wv = pi * dr
+                else:
+                    wv = pi
+                tt = pi * (gp - rs[r])
+                wk = tt * sc
+                for d in range(dim):
+                    gk[c, d] += wk * q[r, d]
+                for d in range(dim_v):
+                    gv[c, d] += wv * g[r, d]
+                tt += shift
+                ste_t[t] = hi if tt > hi else (lo if tt < lo else tt)
 
 
 # Plain sparse-times-dense products for the straight-through estimator. Kept as separate small
@@ -211,16 +272,23 @@ def backward_cols(
 def spmm(crow, col, vals, x, n, m, out):  # pragma: no cover
     """``out_r = sum_e vals_e x[key row of e]`` (the graph times dense, by query)."""
     num_rows, f = out.shape
+    num_edges = col.shape[0]
     zero = _typed(0.0, out)
-    for r in prange(num_rows):
-        for d in range(f):
-            out[r, d] = zero
-        base = (r // n) * m
-        for e in range(crow[r], crow[r + 1]):
-            w = vals[e]
-            kr = base + col[e]
+    step = _pair_group(n)
+    for first in range(0, num_rows, step):
+        for r in prange(first, min(num_rows, first + step)):
             for d in range(f):
-                out[r, d] += w * x[kr, d]
+                out[r, d] = zero
+            base = (r // n) * m
+            for e in range(crow[r], crow[r + 1]):
+                if (
+                    e + _PREFETCH_DISTANCE < num_edges
+                ):  # same pair in all but the last rows of a pair
+                    _prefetch_row(x, base + col[e + _PREFETCH_DISTANCE])
+                w = vals[e]
+                kr = base + col[e]
+                for d in range(f):
+                    out[r, d] += w * x[kr, d]
 
 
 @njit(parallel=True, cache=True, fastmath=_FASTMATH)
@@ -230,29 +298,36 @@ def spmm_t(ccol, trow, vals_t, x, n, m, out):  # pragma: no cover
     ``vals_t`` holds per-edge values in by-key order.
     """
     num_cols, f = out.shape
+    num_edges = trow.shape[0]
     zero = _typed(0.0, out)
-    for c in prange(num_cols):
-        for d in range(f):
-            out[c, d] = zero
-        rbase = (c // m) * n
-        for t in range(ccol[c], ccol[c + 1]):
-            w = vals_t[t]
-            r = rbase + trow[t]
+    step = _pair_group(m)
+    for first in range(0, num_cols, step):
+        for c in prange(first, min(num_cols, first + step)):
             for d in range(f):
-                out[c, d] += w * x[r, d]
+                out[c, d] = zero
+            rbase = (c // m) * n
+            for t in range(ccol[c], ccol[c + 1]):
+                if t + _PREFETCH_DISTANCE < num_edges:
+                    _prefetch_row(x, rbase + trow[t + _PREFETCH_DISTANCE])
+                w = vals_t[t]
+                r = rbase + trow[t]
+                for d in range(f):
+                    out[c, d] += w * x[r, d]
 
 
 # Tiled products: a (M x K) membership table is larger than the L2 cache once M*K*4 bytes passes
 # ~1 MiB, and gathering its rows at random then runs from L3 or DRAM. Going over the edges once
 # per tile of 2^shift rows of the table keeps the gathered rows in L2 (measured 1.6x faster for
-# K = 128, M = 16k). The edges of each row must be grouped by tile: ``ptr`` (R, T + 1) gives the
-# range of each tile within a row and ``order`` the edge at each grouped position (empty when
-# the structure is already grouped, as the transposed graph is).
+# K = 128, M = 16k at 164 edges per row). Each pass re-reads the output rows, so tiling only pays
+# when rows have many edges per tile (the caller decides). The edges of each row must be grouped
+# by tile: ``ptr`` (T + 1, R) gives the range of each tile within each row and ``order`` the edge
+# at each grouped position (empty when the structure is already grouped, as the transposed graph
+# is, its rows being ascending within each column).
 @njit(parallel=True, cache=True)
 def group_by_tile(crow, col, shift, num_tiles):  # pragma: no cover
     """Counting sort of each row's edges by ``col >> shift``: returns ``ptr`` and ``order``."""
     num_rows = crow.shape[0] - 1
-    ptr = np.empty((num_rows, num_tiles + 1), crow.dtype)
+    ptr = np.empty((num_tiles + 1, num_rows), crow.dtype)
     order = np.empty(col.shape[0], crow.dtype)
     for r in prange(num_rows):
         st, en = crow[r], crow[r + 1]
@@ -262,9 +337,9 @@ def group_by_tile(crow, col, shift, num_tiles):  # pragma: no cover
         acc = st
         for t in range(num_tiles):
             acc += counts[t]
-            ptr[r, t] = acc
+            ptr[t, r] = acc
             counts[t] = acc
-        ptr[r, num_tiles] = en
+        ptr[num_tiles, r] = en
         for e in range(st, en):
             t = col[e] >> shift
             order[counts[t]] = e
@@ -276,15 +351,15 @@ def group_by_tile(crow, col, shift, num_tiles):  # pragma: no cover
 def tile_pointers(crow, col, shift, num_tiles):  # pragma: no cover
     """``ptr`` for rows whose columns are already ascending (the transposed graph)."""
     num_rows = crow.shape[0] - 1
-    ptr = np.empty((num_rows, num_tiles + 1), crow.dtype)
+    ptr = np.empty((num_tiles + 1, num_rows), crow.dtype)
     for r in prange(num_rows):
         e = crow[r]
         en = crow[r + 1]
         for t in range(num_tiles):
             while e < en and (col[e] >> shift) < t:
                 e += 1
-            ptr[r, t] = e
-        ptr[r, num_tiles] = en
+            ptr[t, r] = e
+        ptr[num_tiles, r] = en
     return ptr
 
 
@@ -296,7 +371,7 @@ def spmm_tiled(ptr, order, idx, vals, x, n_self, n_other, out):  # pragma: no co
     ``(r // n_self) * n_other + idx[e]`` of ``x``.
     """
     num_rows, f = out.shape
-    num_tiles = ptr.shape[1] - 1
+    num_tiles = ptr.shape[0] - 1
     has_order = order.shape[0] > 0
     zero = _typed(0.0, out)
     for r in prange(num_rows):
@@ -305,7 +380,7 @@ def spmm_tiled(ptr, order, idx, vals, x, n_self, n_other, out):  # pragma: no co
     for t in range(num_tiles):
         for r in prange(num_rows):
             base = (r // n_self) * n_other
-            for pos in range(ptr[r, t], ptr[r, t + 1]):
+            for pos in range(ptr[t, r], ptr[t + 1, r]):
                 e = order[pos] if has_order else pos
                 w = vals[e]
                 xr = base + idx[e]

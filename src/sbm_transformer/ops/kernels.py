@@ -239,38 +239,45 @@ class NumbaKernels:
             return Grads(gq, gk, gv, None, None)
         gz = q.new_empty(q.shape[0], ste.z.shape[1])
         gy = q.new_empty(k.shape[0], ste.y.shape[1])
-        shift = _tile_shift(ste.z)
-        if shift is None or m <= 1 << shift:
-            nk.spmm(crow, col, gl.numpy(), _np(ste.z), n, m, gz.numpy())
-        else:
+        row_tiles = _num_tiles(ste.z, m, e / max(q.shape[0], 1))
+        if row_tiles > 1:
+            shift = (m - 1).bit_length() - (row_tiles - 1).bit_length()
             ptr, order = _cached(
                 graph,
                 ("row_tiles", shift),
                 lambda: nk.group_by_tile(crow, col, shift, -(-m >> shift)),
             )
             nk.spmm_tiled(ptr, order, col, gl.numpy(), _np(ste.z), n, m, gz.numpy())
-        if shift is None or n <= 1 << shift:
-            nk.spmm_t(ccol, trow, gl_t.numpy(), _np(ste.y), n, m, gy.numpy())
         else:
+            nk.spmm(crow, col, gl.numpy(), _np(ste.z), n, m, gz.numpy())
+        col_tiles = _num_tiles(ste.y, n, e / max(k.shape[0], 1))
+        if col_tiles > 1:
+            shift = (n - 1).bit_length() - (col_tiles - 1).bit_length()
             ptr = _cached(
                 graph,
                 ("col_tiles", shift),
                 lambda: nk.tile_pointers(ccol, trow, shift, -(-n >> shift)),
             )
             nk.spmm_tiled(ptr, ccol[:0], trow, gl_t.numpy(), _np(ste.y), m, n, gy.numpy())
+        else:
+            nk.spmm_t(ccol, trow, gl_t.numpy(), _np(ste.y), n, m, gy.numpy())
         return Grads(gq, gk, gv, gz, gy)
 
 
-#: Gathered rows of a table this large (per pair) stay in L2 when the products run tile by tile.
+#: A membership table (one pair's rows) larger than this is gathered tile by tile...
 _TILE_BYTES = 1 << 20
+#: ...when rows keep at least this many edges per tile: each tile pass re-reads the output rows.
+_MIN_EDGES_PER_TILE = 16
 
 
-def _tile_shift(table: Tensor) -> int | None:
-    """log2 of the rows per tile for a membership table (rows of K values), None if tiny."""
-    row_bytes = table.shape[1] * table.element_size()
-    if row_bytes == 0:
-        return None
-    return max(int(_TILE_BYTES // row_bytes).bit_length() - 1, 0)
+def _num_tiles(table: Tensor, rows_per_pair: int, edges_per_row: float) -> int:
+    """Tiles (a power of two) that bring one pair's table rows under ``_TILE_BYTES``; 1 (no
+    tiling) when rows would keep fewer than ``_MIN_EDGES_PER_TILE`` edges per tile."""
+    pair_bytes = rows_per_pair * table.shape[1] * table.element_size()
+    tiles = 1
+    while pair_bytes / tiles > _TILE_BYTES:
+        tiles *= 2
+    return tiles if edges_per_row / tiles >= _MIN_EDGES_PER_TILE else 1
 
 
 def _cached(graph: Graph, key: object, build):
