@@ -10,7 +10,9 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
+import threading
 
+import numpy as np
 import torch
 
 
@@ -37,3 +39,39 @@ def sync_threads() -> None:
     n = min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)  # type: ignore[attr-defined]
     if numba.get_num_threads() != n:
         numba.set_num_threads(n)
+
+
+class _Workspace(threading.local):
+    """Scratch arrays reused across calls (per thread).
+
+    Freshly allocated memory is paid for again at first touch (page faults: measured ~0.2 ms
+    per MiB here, e.g. ~50 ms for the per-edge scratch of one backward pass at 5M edges).
+    Scratch that never leaves a call is therefore kept and reused; it grows to the largest size
+    requested. :func:`release_workspace` frees it.
+    """
+
+    def __init__(self) -> None:
+        self.buffers: dict[tuple[str, str], np.ndarray] = {}
+
+    def get(self, name: str, shape: tuple[int, ...], dtype: np.dtype | type) -> np.ndarray:
+        dt = np.dtype(dtype)
+        size = int(np.prod(shape, dtype=np.int64))
+        key = (name, dt.str)
+        buf = self.buffers.get(key)
+        if buf is None or buf.size < size:
+            buf = np.empty(size, dt)
+            self.buffers[key] = buf
+        return buf[:size].reshape(shape)
+
+
+_WORKSPACE = _Workspace()
+
+
+def scratch(name: str, shape: tuple[int, ...], dtype: np.dtype | type) -> np.ndarray:
+    """A reusable uninitialised array for scratch that does not outlive the calling kernel."""
+    return _WORKSPACE.get(name, shape, dtype)
+
+
+def release_workspace() -> None:
+    """Free the scratch arrays kept between calls by the numba kernels of this thread."""
+    _WORKSPACE.buffers.clear()

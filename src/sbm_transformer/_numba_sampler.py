@@ -29,6 +29,8 @@ import math
 import numpy as np
 from numba import njit, prange
 
+from sbm_transformer._numba import scratch
+
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _M1 = np.uint64(0xBF58476D1CE4E5B9)
 _M2 = np.uint64(0x94D049BB133111EB)
@@ -61,6 +63,8 @@ def _poisson(state, lam):  # pragma: no cover
         return state, 0
     if lam < 10.0:
         state, u = _uniform(state)
+        if u < 1.0 - lam:  # 1 - lam <= exp(-lam): zero without computing the exponential
+            return state, 0
         p = math.exp(-lam)
         cdf = p
         k = 0
@@ -163,19 +167,14 @@ _REJECTION_MAX_RATIO = 4.0
 
 
 @njit(parallel=True, cache=True)
-def _key_tables(zt):  # pragma: no cover
+def _key_tables(zt, prob, alias, totals, maxima, use_alias):  # pragma: no cover
     """Per (pair, cluster): key-weight totals and maxima, and alias tables where needed.
 
     ``use_alias[p, b]`` tells whether cluster b of pair p got an alias table in
-    ``prob``/``alias``; other clusters sample by rejection, and their (never written) rows of
-    the tables cost no memory.
+    ``prob``/``alias`` (P, K, M); other clusters sample by rejection and never touch their rows
+    of the tables.
     """
     num_pairs, k, m = zt.shape
-    prob = np.empty((num_pairs, k, m), np.float64)
-    alias = np.empty((num_pairs, k, m), np.int32)
-    totals = np.empty((num_pairs, k), np.float64)
-    maxima = np.empty((num_pairs, k), np.float64)
-    use_alias = np.zeros((num_pairs, k), np.bool_)
     for tb in prange(num_pairs * k):
         p, b = tb // k, tb % k
         total = 0.0
@@ -186,13 +185,12 @@ def _key_tables(zt):  # pragma: no cover
             top = max(top, x)
         totals[p, b] = total
         maxima[p, b] = top
-        if top * m > _REJECTION_MAX_RATIO * total:
-            use_alias[p, b] = True
+        use_alias[p, b] = top * m > _REJECTION_MAX_RATIO * total
+        if use_alias[p, b]:
             scaled = np.empty(m, np.float64)
             small = np.empty(m, np.int32)
             large = np.empty(m, np.int32)
             _build_alias(zt[p, b], prob[p, b], alias[p, b], scaled, small, large)
-    return prob, alias, totals, maxima, use_alias
 
 
 @njit(parallel=True, cache=True)
@@ -316,34 +314,24 @@ def sample_csr(
         int64.
     """
     num_pairs, n, k = u.shape
-    prob, alias, totals, maxima, use_alias = _key_tables(zt)
-    cnt = np.empty((num_pairs, k + 1, n), np.int32)
-    deg = np.empty(num_pairs * n, np.int64)
-    _count(seed, u, totals, visible, eps, heads, cnt, deg)
-    offsets = np.zeros(num_pairs * n + 1, np.int64)
-    np.cumsum(deg, out=offsets[1:])
     m = zt.shape[2]
+    prob = scratch("sampler_prob", (num_pairs, k, m), np.float64)
+    alias = scratch("sampler_alias", (num_pairs, k, m), np.int32)
+    totals = np.empty((num_pairs, k), np.float64)
+    maxima = np.empty((num_pairs, k), np.float64)
+    use_alias = np.empty((num_pairs, k), np.bool_)
+    _key_tables(zt, prob, alias, totals, maxima, use_alias)
+    cnt = scratch("sampler_counts", (num_pairs, k + 1, n), np.int32)
+    deg = scratch("sampler_degrees", (num_pairs * n,), np.int64)
+    _count(seed, u, totals, visible, eps, heads, cnt, deg)
+    offsets = scratch("sampler_offsets", (num_pairs * n + 1,), np.int64)
+    offsets[0] = 0
+    np.cumsum(deg, out=offsets[1:])
     fits32 = max(int(offsets[-1]), num_pairs * max(n, m) + 1) <= np.iinfo(np.int32).max
     index_dtype = np.int32 if fits32 else np.int64
-    buf = np.empty(int(offsets[-1]), index_dtype)
-    _fill(
-        seed,
-        zt,
-        maxima,
-        use_alias,
-        prob,
-        alias,
-        valid,
-        visible,
-        causal,
-        heads,
-        cnt,
-        deg,
-        offsets,
-        buf,
-    )
-    del prob, alias, cnt
-    kept = np.empty(num_pairs * n, np.int64)
+    buf = scratch("sampler_draws", (int(offsets[-1]),), index_dtype)
+    _fill(seed, zt, maxima, use_alias, prob, alias, valid, visible, causal, heads, cnt, deg, offsets, buf)
+    kept = scratch("sampler_kept", (num_pairs * n,), np.int64)
     _dedup(offsets, buf, m, kept)
     crow = np.zeros(num_pairs * n + 1, index_dtype)
     np.cumsum(kept, out=crow[1:])

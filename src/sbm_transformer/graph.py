@@ -34,11 +34,13 @@ class TransposedGraph:
             are positions ``ccol_indices[c]:ccol_indices[c+1]`` of the two arrays below.
         row_indices: ``(E,)`` local query index ``i`` of each edge, ascending within a column.
         perm: ``(E,)`` position in the by-query (CSR) order of the edge at each by-key position.
+        tpos: ``(E,)`` the inverse of ``perm``: the by-key position of each edge.
     """
 
     ccol_indices: Tensor
     row_indices: Tensor
     perm: Tensor
+    tpos: Tensor
 
 
 class Graph:
@@ -317,4 +319,6 @@ def _transpose(graph: Graph) -> TransposedGraph:
     counts = torch.bincount(key, minlength=b * h * m)
     ccol = torch.zeros(b * h * m + 1, dtype=idt, device=graph.device)
     ccol[1:] = counts.cumsum(0)
-    return TransposedGraph(ccol, (rows_global % max(n, 1))[perm].to(idt), perm.to(idt))
+    tpos = torch.empty_like(perm)
+    tpos[perm] = torch.arange(perm.numel(), device=perm.device)
+    return TransposedGraph(ccol, (rows_global % max(n, 1))[perm].to(idt), perm.to(idt), tpos.to(idt))

@@ -5,9 +5,8 @@ Two implementations of the same two operations, on the stacked layout (query row
 ``(B*H*M, F)`` tensors, per-edge values ``(E,)`` in the graph's CSR order):
 
 * ``forward``: scores ``s_e = scale <q_r, k_c>`` on the edges, ``pi`` = their softmax within each
-  query row, ``out_r = sum_e pi_e drop_e v_c``. Returns ``out`` and what backward needs of the
-  softmax (its weights ``pi`` (E,) for torch; each row's log-sum-exp (B*H*N,) for numba, which
-  recomputes ``pi``). A row without edges outputs zeros.
+  query row, ``out_r = sum_e pi_e drop_e v_c``. Returns ``out`` and ``pi`` (E,), which backward
+  needs. A row without edges outputs zeros.
 * ``backward``: gradients of q, k, v and, given the memberships, the straight-through products
   ``G Z`` ``(B*H*N, K)`` and ``G^T Y`` ``(B*H*M, K)`` where ``G_e = clip(t_e + g_pair, -1, 1)``,
   ``t_e`` the gradient of edge e's 0/1 indicator and ``g_pair`` the gradient of its pair's edge
@@ -25,7 +24,7 @@ from typing import NamedTuple, Protocol
 import torch
 from torch import Tensor
 
-from sbm_transformer._numba import sync_threads, use_numba
+from sbm_transformer._numba import scratch, sync_threads, use_numba
 from sbm_transformer.graph import Graph
 
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
@@ -192,14 +191,13 @@ class NumbaKernels:
 
         sync_threads()
         out = q.new_empty(q.shape[0], v.shape[1])
-        lse = q.new_empty(q.shape[0])
+        pi = q.new_empty(graph.num_edges)
         drop_np = _np(drop) if drop is not None else _np(q.new_empty(0))
         nk.forward(
             _np(graph.crow_indices), _np(graph.col_indices), _np(q), _np(k), _np(v), drop_np,
-            scale, graph.num_queries, graph.num_keys, out.numpy(), lse.numpy(),
-            q.new_empty(graph.num_edges).numpy(),
+            scale, graph.num_queries, graph.num_keys, out.numpy(), pi.numpy(),
         )  # fmt: skip
-        return out, lse
+        return out, pi
 
     def backward(
         self,
@@ -222,19 +220,19 @@ class NumbaKernels:
         crow, col = _np(graph.crow_indices), _np(graph.col_indices)
         ccol, trow = _np(t.ccol_indices), _np(t.row_indices)
         drop_np = _np(drop) if drop is not None else _np(q.new_empty(0))
-        qn, kn, vn, g, lse = _np(q), _np(k), _np(v), _np(grad_out), _np(softmax)
+        g = _np(grad_out)
         pairs = graph.batch_size * graph.num_heads
         g_pair = _np(ste.g_pair.to(q.dtype) if ste is not None else q.new_zeros(pairs))
-        gq, rs, gl = torch.empty_like(q), q.new_empty(q.shape[0]), q.new_empty(e)
+        gq = torch.empty_like(q)
+        dtype = _np(q).dtype
+        w = scratch("edge_weights", (e, 2), dtype)  # per edge, by query: scale * t, G
+        w_t = scratch("edge_weights_t", (e, 4), dtype)  # by key: scale * t, pi * drop, G, -
         nk.backward_rows(
-            crow, col, qn, kn, vn, drop_np, lse, _np(out), g, g_pair, scale, n, m, gq.numpy(),
-            gl.numpy(), rs.numpy(),
+            crow, col, _np(t.tpos), _np(k), _np(v), drop_np, _np(softmax), _np(out), g, g_pair,
+            scale, n, m, gq.numpy(), w, w_t,
         )  # fmt: skip
-        gk, gv, gl_t = torch.empty_like(k), torch.empty_like(v), q.new_empty(e)
-        nk.backward_cols(
-            ccol, trow, _np(t.perm), qn, kn, vn, drop_np, lse, rs.numpy(), g, g_pair, scale, n, m,
-            gk.numpy(), gv.numpy(), gl_t.numpy(),
-        )  # fmt: skip
+        gk, gv = torch.empty_like(k), torch.empty_like(v)
+        nk.backward_cols(ccol, trow, _np(q), g, w_t, n, m, gk.numpy(), gv.numpy())
         if ste is None:
             return Grads(gq, gk, gv, None, None)
         gz = q.new_empty(q.shape[0], ste.z.shape[1])
@@ -247,9 +245,9 @@ class NumbaKernels:
                 ("row_tiles", shift),
                 lambda: nk.group_by_tile(crow, col, shift, -(-m >> shift)),
             )
-            nk.spmm_tiled(ptr, order, col, gl.numpy(), _np(ste.z), n, m, gz.numpy())
+            nk.spmm_tiled(ptr, order, col, w, 1, _np(ste.z), n, m, gz.numpy())
         else:
-            nk.spmm(crow, col, gl.numpy(), _np(ste.z), n, m, gz.numpy())
+            nk.spmm(crow, col, w, 1, _np(ste.z), n, m, gz.numpy())
         col_tiles = _num_tiles(ste.y, n, e / max(k.shape[0], 1))
         if col_tiles > 1:
             shift = (n - 1).bit_length() - (col_tiles - 1).bit_length()
@@ -258,9 +256,9 @@ class NumbaKernels:
                 ("col_tiles", shift),
                 lambda: nk.tile_pointers(ccol, trow, shift, -(-n >> shift)),
             )
-            nk.spmm_tiled(ptr, ccol[:0], trow, gl_t.numpy(), _np(ste.y), m, n, gy.numpy())
+            nk.spmm_tiled(ptr, ccol[:0], trow, w_t, 2, _np(ste.y), m, n, gy.numpy())
         else:
-            nk.spmm_t(ccol, trow, gl_t.numpy(), _np(ste.y), n, m, gy.numpy())
+            nk.spmm_t(ccol, trow, w_t, 2, _np(ste.y), n, m, gy.numpy())
         return Grads(gq, gk, gv, gz, gy)
 
 
