@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sbm_transformer._numba import numba_installed
+from sbm_transformer._numba import numba_enabled, numba_installed
 
 #: Sparse backends every parity test runs against the dense reference.
-SPARSE_BACKENDS = ["sparse-torch"] + (["sparse-numba"] if numba_installed() else [])
+SPARSE_BACKENDS = ["sparse-torch"] + (["sparse-numba"] if numba_enabled() else [])
 
 
 @pytest.fixture(params=["torch", "numba"])

@@ -101,12 +101,13 @@ def test_padded_keys_never_matter() -> None:
     x = torch.randn(2, 9, 16)
     mask = torch.zeros(2, 9, dtype=torch.bool)
     mask[:, 6:] = True
-    out, _ = attn(x, key_padding_mask=mask, generator=torch.Generator().manual_seed(3))
-    x2 = x.clone()
-    x2[:, 6:] = 100.0  # garbage in the padding
-    # queries at padded positions change (they are queries too), keys there must not matter
-    out2, _ = attn(x2, x2, x2, key_padding_mask=mask, generator=torch.Generator().manual_seed(3))
-    assert torch.allclose(out[:, :6], out2[:, :6], atol=1e-5)
+    out, stats = attn(x, key_padding_mask=mask, generator=torch.Generator().manual_seed(3))
+    b, _, _, j = stats.graph.edges()
+    assert not mask[b, j].any()  # no edge reaches a padded key
+    kv = x.clone()
+    kv[:, 6:] = 100.0  # garbage in the padding: keys and values only
+    out2, _ = attn(x, kv, kv, key_padding_mask=mask, graph=stats.graph)
+    assert torch.allclose(out, out2, atol=1e-5)
 
 
 def test_generator_reproduces_output_and_eval_disables_dropout() -> None:

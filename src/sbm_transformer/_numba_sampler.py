@@ -14,11 +14,12 @@ present with probability ``1 - exp(-(lambda_ij + eps))``.
 
 Keys are drawn by rejection from the uniform distribution when a cluster's key weights are flat
 (the heaviest at most 4x the mean: at most 4 tries per draw, nothing to build), otherwise with
-Walker's alias method (Vose's construction): O(M) to build, O(1) per draw. Causal rows draw from
-all keys of the cluster at rate ``u * total`` and drop keys ``j > i``: thinning a Poisson process
-by a fixed indicator leaves the right Poisson process on ``j <= i`` (about half the draws are
-dropped). Loops over draws run cluster-major so that one cluster's alias table stays in cache.
-Randomness comes from SplitMix64 streams keyed by (seed, phase, table): the result does not depend
+Walker's alias method (Vose's construction): O(M) to build, O(1) per draw. Loops over draws run
+cluster-major so that one cluster's table stays in cache. Causal rows instead use the mass of
+their prefix ``j <= i`` of each cluster for their counts and draw keys by binary search in the
+prefix's cumulative weights, with a random stream per (row, component): a row's edges then depend
+on the tokens up to it only, never on later ones (strict causality for a fixed seed).
+Randomness comes from SplitMix64 streams keyed by (seed, phase, index): the result does not depend
 on the number of threads.
 """
 
@@ -216,9 +217,9 @@ def _count(seed, u, totals, visible, eps, heads, cnt, deg):  # pragma: no cover
 
 @njit(parallel=True, cache=True)
 def _fill(
-    seed, zt, maxima, use_alias, prob, alias, valid, visible, causal, heads, cnt, deg, offsets, buf
+    seed, zt, maxima, use_alias, prob, alias, valid, visible, heads, cnt, deg, offsets, buf
 ):  # pragma: no cover
-    """Draw every edge's key into its row's slot for its component (-1 marks a dropped draw)."""
+    """Draw every edge's key into its row's slot for its component (not causal)."""
     num_pairs, kk, n = cnt.shape
     k = kk - 1
     m = zt.shape[2]
@@ -244,7 +245,74 @@ def _fill(
                             state, y = _uniform(state)
                             if y * top < weights[j]:
                                 break
-                    buf[e] = -1 if causal and j > i else j
+                    buf[e] = j
+            else:
+                vis = visible[bb, i]
+                for e in range(st, en):
+                    state, x = _uniform(state)
+                    buf[e] = valid[bb, min(int(x * vis), vis - 1)]
+
+
+@njit(parallel=True, cache=True)
+def _prefix_sums(zt, zcum):  # pragma: no cover
+    """``zcum[p, b, j] = sum of zt[p, b, :j+1]`` in float64."""
+    num_pairs, k, m = zt.shape
+    for tb in prange(num_pairs * k):
+        p, b = tb // k, tb % k
+        acc = 0.0
+        for j in range(m):
+            acc += zt[p, b, j]
+            zcum[p, b, j] = acc
+
+
+@njit(parallel=True, cache=True)
+def _count_causal(seed, u, zcum, visible, eps, heads, cnt, deg):  # pragma: no cover
+    """As :func:`_count` for causal rows: rates use the mass of keys ``j <= i`` only."""
+    num_pairs, n, k = u.shape
+    for r in prange(num_pairs * n):
+        p, i = r // n, r % n
+        state = _stream(seed, 1, r)
+        acc = 0
+        for b in range(k):
+            state, c = _poisson(state, u[p, i, b] * zcum[p, b, i])
+            cnt[p, b, i] = acc
+            acc += c
+        state, c = _poisson(state, eps * visible[p // heads, i])
+        cnt[p, k, i] = acc
+        deg[r] = acc + c
+
+
+@njit(parallel=True, cache=True)
+def _fill_causal(seed, zcum, valid, visible, heads, cnt, deg, offsets, buf):  # pragma: no cover
+    """Draw the keys of causal rows by inverse CDF on the prefix ``j <= i`` of each cluster.
+
+    Every (row, component) has its own random stream and reads only keys up to its row, so a
+    row's edges are a function of the tokens up to it (and the seed), never of later ones.
+    """
+    num_pairs, kk, n = cnt.shape
+    k = kk - 1
+    for r in prange(num_pairs * n):
+        p, i = r // n, r % n
+        bb = p // heads
+        for b in range(kk):
+            st = offsets[r] + cnt[p, b, i]
+            en = offsets[r] + (cnt[p, b + 1, i] if b < k else deg[r])
+            if st == en:
+                continue
+            state = _stream(seed, 2, r * kk + b)
+            if b < k:
+                mass = zcum[p, b, i]
+                for e in range(st, en):
+                    state, x = _uniform(state)
+                    target = x * mass
+                    lo, hi = 0, i  # first j <= i with zcum > target
+                    while lo < hi:
+                        mid = (lo + hi) >> 1
+                        if zcum[p, b, mid] > target:
+                            hi = mid
+                        else:
+                            lo = mid + 1
+                    buf[e] = lo
             else:
                 vis = visible[bb, i]
                 for e in range(st, en):
@@ -254,7 +322,7 @@ def _fill(
 
 @njit(parallel=True, cache=True)
 def _dedup(offsets, buf, m, kept):  # pragma: no cover
-    """Drop repeated keys and dropped draws (-1) within each row in place, with an M-bit bitmap."""
+    """Drop repeated keys within each row in place (first draw kept), with an M-bit bitmap."""
     num_rows = kept.shape[0]
     chunk = 256
     words = (m + 63) // 64
@@ -266,8 +334,6 @@ def _dedup(offsets, buf, m, kept):  # pragma: no cover
             w = st
             for e in range(st, en):
                 j = buf[e]
-                if j < 0:
-                    continue
                 bit = one << np.uint64(j & 63)
                 if seen[j >> 6] & bit == 0:
                     seen[j >> 6] |= bit
@@ -315,22 +381,32 @@ def sample_csr(
     """
     num_pairs, n, k = u.shape
     m = zt.shape[2]
-    prob = scratch("sampler_prob", (num_pairs, k, m), np.float64)
-    alias = scratch("sampler_alias", (num_pairs, k, m), np.int32)
-    totals = np.empty((num_pairs, k), np.float64)
-    maxima = np.empty((num_pairs, k), np.float64)
-    use_alias = np.empty((num_pairs, k), np.bool_)
-    _key_tables(zt, prob, alias, totals, maxima, use_alias)
     cnt = scratch("sampler_counts", (num_pairs, k + 1, n), np.int32)
     deg = scratch("sampler_degrees", (num_pairs * n,), np.int64)
-    _count(seed, u, totals, visible, eps, heads, cnt, deg)
     offsets = scratch("sampler_offsets", (num_pairs * n + 1,), np.int64)
     offsets[0] = 0
+    if causal:
+        zcum = scratch("sampler_prefix", (num_pairs, k, m), np.float64)
+        _prefix_sums(zt, zcum)
+        _count_causal(seed, u, zcum, visible, eps, heads, cnt, deg)
+    else:
+        prob = scratch("sampler_prob", (num_pairs, k, m), np.float64)
+        alias = scratch("sampler_alias", (num_pairs, k, m), np.int32)
+        totals = np.empty((num_pairs, k), np.float64)
+        maxima = np.empty((num_pairs, k), np.float64)
+        use_alias = np.empty((num_pairs, k), np.bool_)
+        _key_tables(zt, prob, alias, totals, maxima, use_alias)
+        _count(seed, u, totals, visible, eps, heads, cnt, deg)
     np.cumsum(deg, out=offsets[1:])
     fits32 = max(int(offsets[-1]), num_pairs * max(n, m) + 1) <= np.iinfo(np.int32).max
     index_dtype = np.int32 if fits32 else np.int64
     buf = scratch("sampler_draws", (int(offsets[-1]),), index_dtype)
-    _fill(seed, zt, maxima, use_alias, prob, alias, valid, visible, causal, heads, cnt, deg, offsets, buf)
+    if causal:
+        _fill_causal(seed, zcum, valid, visible, heads, cnt, deg, offsets, buf)
+    else:
+        _fill(
+            seed, zt, maxima, use_alias, prob, alias, valid, visible, heads, cnt, deg, offsets, buf
+        )
     kept = scratch("sampler_kept", (num_pairs * n,), np.int64)
     _dedup(offsets, buf, m, kept)
     crow = np.zeros(num_pairs * n + 1, index_dtype)

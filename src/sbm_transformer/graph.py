@@ -321,4 +321,6 @@ def _transpose(graph: Graph) -> TransposedGraph:
     ccol[1:] = counts.cumsum(0)
     tpos = torch.empty_like(perm)
     tpos[perm] = torch.arange(perm.numel(), device=perm.device)
-    return TransposedGraph(ccol, (rows_global % max(n, 1))[perm].to(idt), perm.to(idt), tpos.to(idt))
+    return TransposedGraph(
+        ccol, (rows_global % max(n, 1))[perm].to(idt), perm.to(idt), tpos.to(idt)
+    )

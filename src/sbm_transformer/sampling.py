@@ -348,6 +348,8 @@ def _sample_torch(
     generator: torch.Generator | None,
 ) -> tuple[Tensor, Tensor]:
     """Device-generic sampler from torch ops (used on GPUs and on CPUs without numba)."""
+    if causal:
+        return _sample_torch_causal(Y, Z, Bx, eps, visible, valid, _seed_from(generator, Y.device))
     bsz, heads, n, k = Y.shape
     m = Z.shape[2]
     p = bsz * heads
@@ -360,9 +362,6 @@ def _sample_torch(
     pair, a, b = block // (k * k), (block // k) % k, block % k
     qi = _categorical(Yf.transpose(1, 2).reshape(p * k, n), pair * k + a, generator)
     kj = _categorical(Zf.transpose(1, 2).reshape(p * k, m), pair * k + b, generator)
-    if causal:  # thinning a Poisson process by a fixed indicator keeps it Poisson on j <= i
-        keep = kj <= qi
-        pair, qi, kj = pair[keep], qi[keep], kj[keep]
     # Exploration layer: Poisson(eps * #visible pairs) uniform draws among the visible pairs.
     seq_total = visible.sum(1)  # (B,)
     n_er = torch.poisson(
@@ -388,3 +387,133 @@ def _sample_torch(
     crow = torch.zeros(p * n + 1, dtype=idt, device=dev)
     crow[1:] = torch.bincount(rows, minlength=p * n).cumsum(0)
     return crow, (key % m).to(idt)
+
+
+# ------------------------------------------------------------------- strictly causal (torch)
+# Causal rows must not depend on later tokens, not even through the random stream: with one
+# shared generator, how many numbers earlier draws consume depends on every row's rates. So the
+# causal torch sampler takes its random numbers from a counter-based generator: SplitMix64 of
+# (seed, stream, element, draw), computed with int64 tensor arithmetic (which wraps modulo 2^64).
+_GOLDEN = 0x9E3779B97F4A7C15 - 2**64
+_MIX1 = 0xBF58476D1CE4E5B9 - 2**64
+_MIX2 = 0x94D049BB133111EB - 2**64
+
+
+def _srl(x: Tensor, bits: int) -> Tensor:
+    """Logical right shift of int64 values."""
+    return (x >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def _mix64(x: Tensor) -> Tensor:
+    x = (x ^ _srl(x, 30)) * _MIX1
+    x = (x ^ _srl(x, 27)) * _MIX2
+    return x ^ _srl(x, 31)
+
+
+def _counter_uniform(seed: int, stream: int, *counters: Tensor) -> Tensor:
+    """float64 uniforms in [0, 1), a pure function of (seed, stream, counters...)."""
+    h = _mix64(torch.full_like(counters[0], (seed ^ (stream * 0x632BE59BD9B4E019)) & (2**63 - 1)))
+    for c in counters:
+        h = _mix64(h ^ (c * _GOLDEN))
+    return _srl(h, 11).double() * (1.0 / 9007199254740992.0)
+
+
+def _counter_poisson(rates: Tensor, seed: int, stream: int) -> Tensor:
+    """Exact Poisson draws (int64, like ``rates``) from counter-based uniforms per element.
+
+    Inversion for rates < 10 (one uniform), PTRS (Hoermann 1993) otherwise, vectorised over the
+    elements still drawing.
+    """
+    flat = rates.reshape(-1).double()
+    index = torch.arange(flat.numel(), device=flat.device)
+    out = torch.zeros_like(index)
+    small = (flat > 0) & (flat < 10)
+    if small.any():
+        lam, ids = flat[small], index[small]
+        u = _counter_uniform(seed, stream, ids, torch.zeros_like(ids))
+        p = torch.exp(-lam)
+        cdf = p.clone()
+        k = torch.zeros_like(ids)
+        active = u > cdf
+        while active.any():
+            k = k + active
+            p = torch.where(active, p * lam / k.clamp_min(1), p)
+            cdf = torch.where(active, cdf + p, cdf)
+            active = active & (u > cdf) & (p > 0)
+        out[small] = k
+    large = flat >= 10
+    if large.any():
+        lam, ids = flat[large], index[large]
+        result = torch.full_like(ids, -1)
+        slam, loglam = lam.sqrt(), lam.log()
+        b = 0.931 + 2.53 * slam
+        a = -0.059 + 0.02483 * b
+        invalpha = 1.1239 + 1.1328 / (b - 3.4)
+        vr = 0.9277 - 3.6224 / (b - 2.0)
+        attempt = 0
+        todo = torch.ones_like(ids, dtype=torch.bool)
+        while todo.any():
+            att = torch.full_like(ids, 2 * attempt + 1)
+            uu = _counter_uniform(seed, stream, ids, att) - 0.5
+            v = _counter_uniform(seed, stream, ids, att + 1)
+            us = 0.5 - uu.abs()
+            kk = torch.floor((2 * a / us + b) * uu + lam + 0.43)
+            quick = (us >= 0.07) & (v <= vr)
+            bad = (kk < 0) | ((us < 0.013) & (v > us))
+            lhs = torch.log(v) + torch.log(invalpha) - torch.log(a / (us * us) + b)
+            rhs = -lam + kk * loglam - torch.lgamma(kk.clamp_min(0) + 1.0)
+            accept = todo & (quick | (~bad & (lhs <= rhs)))
+            result = torch.where(accept, kk.long(), result)
+            todo = todo & ~accept
+            attempt += 1
+        out[large] = result
+    return out.reshape(rates.shape)
+
+
+def _sample_torch_causal(
+    Y: Tensor, Z: Tensor, Bx: Tensor, eps: float, visible: Tensor, valid: Tensor, seed: int
+) -> tuple[Tensor, Tensor]:
+    """Causal sampling: row i draws Poisson(u_ib * sum_{j<=i} Z_jb) keys of cluster b from its
+    prefix by inverse CDF, and Poisson(eps * visible_i) uniform visible keys; all random numbers
+    are keyed by (row, component, draw), so row i depends on tokens j <= i only."""
+    bsz, heads, n, k = Y.shape
+    p = bsz * heads
+    dev = Y.device
+    u = Y.reshape(p, n, k).double() @ Bx.reshape(p, k, k).double()  # (P, N, K)
+    zcum = Z.reshape(p, n, k).double().cumsum(1)  # (P, N, K): prefix mass of each cluster
+    seq = torch.arange(p, device=dev) // heads
+    rates = torch.cat(
+        [u * zcum, (eps * visible[seq].double()).unsqueeze(-1)], dim=-1
+    )  # (P, N, K+1)
+    counts = _counter_poisson(rates, seed, 1).reshape(-1)
+    element = torch.repeat_interleave(torch.arange(counts.numel(), device=dev), counts)
+    starts = torch.cumsum(counts, 0) - counts
+    draw = torch.arange(element.numel(), device=dev) - starts[element]
+    x = _counter_uniform(seed, 2, element, draw)
+    kk = k + 1
+    pair, rest = element // (n * kk), element % (n * kk)
+    qi, comp = rest // kk, rest % kk
+    key = torch.empty_like(qi)
+    sbm = comp < k
+    if sbm.any():
+        ps, qs, bs = pair[sbm], qi[sbm], comp[sbm]
+        target = x[sbm] * zcum[ps, qs, bs]
+        cdf = zcum.permute(0, 2, 1).reshape(p * k, n)  # (P*K, N) cumulative weights per cluster
+        big = float(cdf[:, -1].max()) + 1.0 if cdf.numel() else 1.0
+        row = ps * k + bs
+        shifted = (
+            cdf + torch.arange(p * k, device=dev, dtype=torch.float64).unsqueeze(1) * big
+        ).reshape(-1)
+        pos = torch.searchsorted(shifted, row.double() * big + target, right=True) - row * n
+        key[sbm] = torch.minimum(pos, qs)  # rounding can only push past i; never beyond the row
+    er = ~sbm
+    if er.any():
+        vis = visible[seq[pair[er]], qi[er]]
+        slot = torch.minimum((x[er] * vis.double()).long(), vis - 1)
+        key[er] = valid[seq[pair[er]], slot]
+    flat_key = torch.unique((pair * n + qi) * n + key)
+    rows = flat_key // n
+    idt = index_dtype(flat_key.numel(), p * n + 1)
+    crow = torch.zeros(p * n + 1, dtype=idt, device=dev)
+    crow[1:] = torch.bincount(rows, minlength=p * n).cumsum(0)
+    return crow, (flat_key % n).to(idt)

@@ -1,0 +1,680 @@
+"""The training loop: build, loop, log, evaluate, checkpoint.
+
+``train(cfg, run_dir)`` trains ``build_model(task, cfg.model)`` on ``load_task(cfg.data)`` with
+AdamW, linear warm-up and decay, gradient accumulation and clipping, optional mixed precision, and
+the sparsity term ``w * mean density`` of sampled-graph attentions. Every ``eval_every`` steps it
+evaluates on the validation split, keeps the best checkpoint, and at the end reports the test
+metrics of the best one. It is seeded and reproducible, and ``resume=True`` continues a stopped
+run exactly: the next batch and all metrics are those an uninterrupted run would have produced.
+
+A run directory holds ``config.yaml``, ``metrics.csv`` (and TensorBoard events), ``density.csv``
+(per layer and head), ``checkpoints/`` (see :mod:`sbm_transformer.checkpoint`), ``summary.json``
+and ``plots/``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+import platform
+import random
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from sbm_transformer.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    load_model_state,
+    save_checkpoint,
+)
+from sbm_transformer.config import RunConfig, from_dict
+from sbm_transformer.data import load_task
+from sbm_transformer.data.base import IGNORE_INDEX, Batch, SequenceData, TaskInfo, collate_fn
+from sbm_transformer.models import ModelOutput, build_model, is_stochastic, set_sampling_seed
+from sbm_transformer.tensorboard import ScalarWriter
+
+log = logging.getLogger(__name__)
+
+METRIC_FIELDS = ["step", "split", "loss", "accuracy", "density", "lr", "seconds", "steps_per_s"]
+
+
+class RunDirError(ValueError):
+    """A run directory cannot be used as asked (exists without --resume/--overwrite, ...)."""
+
+
+# ------------------------------------------------------------------------------ helpers
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"train.device={name!r} but CUDA is not available")
+    return device
+
+
+def autocast_context(amp: str, device: torch.device) -> tuple[Any, bool]:
+    """(autocast context factory, whether a GradScaler is needed) for ``train.amp``."""
+    if amp not in ("auto", "off", "bf16", "fp16"):
+        raise ValueError(f"train.amp must be auto, off, bf16 or fp16, got {amp!r}")
+    if amp == "auto":
+        amp = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "off"
+    if amp == "off":
+        return nullcontext, False
+    if amp == "fp16" and device.type != "cuda":
+        raise ValueError("train.amp=fp16 needs a CUDA device; use bf16 or off on a CPU")
+    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
+    return (lambda: torch.autocast(device.type, dtype=dtype)), amp == "fp16"
+
+
+def lr_lambda(warmup: int, steps: int) -> Callable[[int], float]:
+    """Linear warm-up to the base learning rate over ``warmup`` steps, then linear decay to 0."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / max(warmup, 1)
+        return max(0.0, (steps - step) / max(steps - warmup, 1))
+
+    return factor
+
+
+def batch_order(n: int, batch_size: int, seed: int, start: int) -> Iterator[Tensor]:
+    """Index batches from batch number ``start`` on: epoch e is a permutation seeded by (seed, e).
+
+    Deterministic in (seed, batch number), so a resumed run gets exactly the next batch.
+    """
+    if n < batch_size:
+        raise ValueError(
+            f"the training split has {n} examples, fewer than train.batch_size={batch_size}"
+        )
+    per_epoch = n // batch_size
+    epoch, perm = -1, torch.empty(0, dtype=torch.long)
+    b = start
+    while True:
+        e, i = divmod(b, per_epoch)
+        if e != epoch:
+            epoch = e
+            perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + e))
+        yield perm[i * batch_size : (i + 1) * batch_size]
+        b += 1
+
+
+def make_batch(data: SequenceData, indices: Tensor, kind: str) -> Batch:
+    return collate_fn(kind)([data[int(i)] for i in indices])  # type: ignore[arg-type]
+
+
+def task_loss(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(mean cross-entropy, number correct, number predicted) for sequence or token labels."""
+    flat_logits = logits.reshape(-1, logits.shape[-1]).float()
+    flat_labels = labels.reshape(-1)
+    loss = nn.functional.cross_entropy(flat_logits, flat_labels, ignore_index=IGNORE_INDEX)
+    valid = flat_labels != IGNORE_INDEX
+    correct = ((flat_logits.argmax(-1) == flat_labels) & valid).sum()
+    return loss, correct, valid.sum()
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak GPU allocation, or the process's peak resident set on a CPU (Linux)."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def rng_state() -> dict[str, Any]:
+    """The random states of torch, Python and NumPy (tensors and JSON values)."""
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": {"version": version, "state": list(internal), "gauss": gauss},
+        "numpy": {"kind": kind, "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+                  "pos": int(pos), "has_gauss": int(has_gauss), "cached": float(cached)},
+    }  # fmt: skip
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    py = state["python"]
+    random.setstate((py["version"], tuple(py["state"]), py["gauss"]))
+    npy = state["numpy"]
+    keys = npy["keys"].numpy().astype(np.uint32)
+    np.random.set_state((npy["kind"], keys, npy["pos"], npy["has_gauss"], npy["cached"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(list(state["cuda"]))
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# ---------------------------------------------------------------------------- evaluation
+@dataclass
+class EvalResult:
+    loss: float
+    accuracy: float
+    density: float | None
+    per_layer_head: list[list[float]]
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    data: SequenceData,
+    task: TaskInfo,
+    cfg: RunConfig,
+    device: torch.device,
+    *,
+    samples: int | None = None,
+    max_batches: int | None = None,
+    autocast: Callable[[], Any] = nullcontext,
+) -> EvalResult:
+    """Loss and accuracy of ``model`` on ``data``.
+
+    Stochastic attentions sample graphs with fixed seeds (``train.eval_seed``), so the same
+    checkpoint always gets the same score; with ``samples`` > 1 the predicted probabilities are
+    averaged over that many graphs per input.
+    """
+    samples = cfg.train.eval_samples if samples is None else samples
+    if samples < 1:
+        raise ValueError(f"eval samples must be >= 1, got {samples}")
+    if not is_stochastic(model):
+        samples = 1
+    max_batches = max_batches if max_batches is not None else cfg.train.eval_batches
+    was_training = model.training
+    model.eval()
+    bs = cfg.train.batch_size
+    batches = [torch.arange(i, min(i + bs, len(data))) for i in range(0, len(data), bs)]
+    if max_batches:
+        batches = batches[:max_batches]
+    total_loss = total_correct = total_count = 0.0
+    densities: list[Tensor] = []
+    for bi, idx in enumerate(batches):
+        batch = make_batch(data, idx, task.kind).to(device)
+        probs = None
+        for s in range(samples):
+            set_sampling_seed(model, cfg.train.eval_seed + 7919 * s + 104729 * bi)
+            with autocast():
+                out: ModelOutput = model(batch.tokens, batch.padding_mask)
+            p = out.logits.float().softmax(-1)
+            probs = p if probs is None else probs + p
+            if out.densities:
+                densities.append(torch.stack([d.float() for d in out.densities]))
+        assert probs is not None
+        probs = probs / samples
+        flat = probs.reshape(-1, probs.shape[-1])
+        labels = batch.labels.reshape(-1)
+        valid = labels != IGNORE_INDEX
+        nll = -torch.log(flat[valid].gather(1, labels[valid, None]).clamp_min(1e-12))
+        total_loss += float(nll.sum())
+        total_correct += float((flat.argmax(-1)[valid] == labels[valid]).sum())
+        total_count += float(valid.sum())
+    set_sampling_seed(model, None)
+    model.train(was_training)
+    per = torch.stack(densities).mean(0) if densities else None  # (layers, H)
+    return EvalResult(
+        loss=total_loss / max(total_count, 1),
+        accuracy=total_correct / max(total_count, 1),
+        density=None if per is None else float(per.mean()),
+        per_layer_head=[] if per is None else per.tolist(),
+    )
+
+
+# ------------------------------------------------------------------------------- run dir
+def prepare_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
+    if resume and overwrite:
+        raise RunDirError("--resume and --overwrite exclude each other")
+    if resume:
+        if not (run_dir / "config.yaml").exists():
+            raise RunDirError(
+                f"cannot resume {run_dir}: it has no config.yaml (not a run directory)"
+            )
+        return
+    if run_dir.exists() and any(run_dir.iterdir()):
+        if not overwrite:
+            raise RunDirError(
+                f"run directory {run_dir} exists; pass --resume to continue it or --overwrite "
+                "to replace it"
+            )
+        if not (run_dir / "config.yaml").exists():
+            raise RunDirError(
+                f"refusing to overwrite {run_dir}: it is not a run directory (no config.yaml)"
+            )
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+
+class MetricLog:
+    """metrics.csv, density.csv and TensorBoard events of a run; rows after ``truncate_after``
+    (a resumed run's checkpoint step) are dropped so that a resumed run logs them again."""
+
+    def __init__(self, run_dir: Path, truncate_after: int | None) -> None:
+        self.metrics_path = run_dir / "metrics.csv"
+        self.density_path = run_dir / "density.csv"
+        self.tb_dir = run_dir / "tensorboard"
+        for path, header in (
+            (self.metrics_path, METRIC_FIELDS),
+            (self.density_path, ["step", "split", "layer", "head", "density"]),
+        ):
+            rows = []
+            if truncate_after is not None and path.exists():
+                with open(path, newline="") as f:
+                    rows = [r for r in csv.DictReader(f) if int(r["step"]) <= truncate_after]
+            with open(path, "w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=header)
+                w.writeheader()
+                w.writerows(rows)
+        if self.tb_dir.exists():
+            shutil.rmtree(self.tb_dir)
+        self.tb = ScalarWriter(self.tb_dir)
+        for row in self.rows():  # TensorBoard mirrors metrics.csv
+            self._tb_row(row)
+
+    def rows(self) -> list[dict[str, str]]:
+        with open(self.metrics_path, newline="") as f:
+            return list(csv.DictReader(f))
+
+    def _tb_row(self, row: dict[str, Any]) -> None:
+        for key in ("loss", "accuracy", "density", "lr"):
+            if row.get(key) not in (None, ""):
+                self.tb.add_scalar(f"{key}/{row['split']}", float(row[key]), int(row["step"]))
+
+    def add(self, row: dict[str, Any], per_layer_head: list[list[float]] | None = None) -> None:
+        with open(self.metrics_path, "a", newline="") as f:
+            csv.DictWriter(f, fieldnames=METRIC_FIELDS).writerow(
+                {k: row.get(k, "") for k in METRIC_FIELDS}
+            )
+        self._tb_row(row)
+        if per_layer_head:
+            with open(self.density_path, "a", newline="") as f:
+                w = csv.writer(f)
+                for layer, heads in enumerate(per_layer_head):
+                    for head, d in enumerate(heads):
+                        w.writerow([row["step"], row["split"], layer, head, f"{d:.6g}"])
+        self.tb.flush()
+
+    def close(self) -> None:
+        self.tb.close()
+
+
+# ----------------------------------------------------------------------------------- train
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def build(
+    cfg: RunConfig, device: torch.device
+) -> tuple[TaskInfo, dict[str, SequenceData], nn.Module]:
+    """Load the task and build its model (seeded)."""
+    task, splits = load_task(cfg.data)
+    seed_everything(cfg.train.seed)
+    max_len = cfg.data.max_len or task.max_len
+    model = build_model(task, cfg.model, max_len).to(device)
+    return task, splits, model
+
+
+def train(
+    cfg: RunConfig,
+    run_dir: str | Path,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    quiet: bool = False,
+    echo: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Train, evaluate and write a run directory; returns the summary (also ``summary.json``).
+
+    Raises:
+        RunDirError: the directory exists (without ``resume``/``overwrite``) or is not a run.
+        CheckpointError: ``resume`` with a missing, corrupt or incompatible checkpoint.
+    """
+    run_dir = Path(run_dir)
+    prepare_run_dir(run_dir, resume=resume, overwrite=overwrite)
+    ckpt_dir = run_dir / "checkpoints"
+    start_step = 0
+    state: dict[str, Any] | None = None
+    if resume:
+        saved = load_run_config(run_dir)
+        changed = _differences(saved, cfg) - {"train.steps"}
+        if changed:
+            raise RunDirError(
+                f"cannot resume {run_dir} with a different configuration "
+                f"({', '.join(sorted(changed))}"
+                " differ); only train.steps may change"
+            )
+        if (ckpt_dir / "last.json").exists():
+            state, start_step = load_checkpoint(ckpt_dir, "last")
+    (run_dir / "config.yaml").write_text(cfg.to_yaml())
+
+    if cfg.train.threads > 0:
+        torch.set_num_threads(cfg.train.threads)
+    device = resolve_device(cfg.train.device)
+    autocast, needs_scaler = autocast_context(cfg.train.amp, device)
+    task, splits, model = build(cfg, device)
+    t = cfg.train
+    optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(t.warmup, t.steps))
+    scaler = torch.amp.GradScaler("cuda") if needs_scaler else None
+    best = {"accuracy": -math.inf, "step": -1}
+    elapsed_before = 0.0
+    # training metrics accumulated since the last log line (saved with checkpoints, so that a
+    # resumed run logs the same numbers as an uninterrupted one)
+    window: dict[str, float] = {"loss": 0.0, "correct": 0.0, "count": 0.0, "density": 0.0, "n": 0}
+    if state is not None:
+        load_model_state(model, state["model"], str(ckpt_dir / "last.json"))
+        try:
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+        except (KeyError, ValueError, RuntimeError) as err:
+            raise CheckpointError(
+                f"checkpoint {ckpt_dir / 'last.json'}: optimizer state does not fit: {err}"
+            ) from err
+        best = state["best"]
+        elapsed_before = float(state.get("elapsed", 0.0))
+        set_rng_state(state["rng"])
+        window = dict(state["window"])
+
+    metrics = MetricLog(run_dir, truncate_after=start_step if resume else None)
+    if t.grad_accum < 1 or t.batch_size % t.grad_accum:
+        raise ValueError(
+            f"train.batch_size ({t.batch_size}) must be a multiple of train.grad_accum "
+            f"({t.grad_accum})"
+        )
+    echo(f"run: {run_dir}")
+    echo(
+        f"task: {task.name} ({task.kind}, {task.description}); train/val/test = "
+        f"{len(splits['train'])}/{len(splits['val'])}/{len(splits['test'])}"
+    )
+    echo(
+        f"model: {type(model).__name__} with {cfg.model.attention} attention, "
+        f"{count_parameters(model):,} parameters, device {device}"
+    )
+    echo("config:\n" + "\n".join("  " + line for line in cfg.to_yaml().splitlines()))
+    if resume:
+        echo(f"resuming at step {start_step} of {t.steps}")
+
+    def checkpoint(name: str, step: int, elapsed: float) -> None:
+        save_checkpoint(
+            ckpt_dir,
+            name,
+            {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "rng": rng_state(),
+                "best": best,
+                "elapsed": elapsed,
+                "window": window,
+            },
+            step=step,
+        )
+
+    batches = batch_order(len(splits["train"]), t.batch_size, t.seed, start_step)
+    progress = _Progress(t.steps, start_step, quiet)
+    step = start_step
+    t_start = time.perf_counter()
+    t_window = t_start
+    interrupted = False
+    try:
+        model.train()
+        while step < t.steps:
+            idx = next(batches)
+            optimizer.zero_grad(set_to_none=True)
+            step_loss = step_correct = step_count = 0.0
+            step_density: list[Tensor] = []
+            for micro in idx.chunk(t.grad_accum):
+                batch = make_batch(splits["train"], micro, task.kind).to(device)
+                with autocast():
+                    out: ModelOutput = model(batch.tokens, batch.padding_mask)
+                loss, correct, count = task_loss(out.logits, batch.labels)
+                density = out.mean_density()
+                total = loss if density is None else loss + t.sparsity_weight * density.float()
+                total = total * (len(micro) / len(idx))
+                (scaler.scale(total) if scaler else total).backward()
+                step_loss += float(loss.detach()) * len(micro) / len(idx)
+                step_correct += float(correct)
+                step_count += float(count)
+                if out.densities:
+                    step_density.append(torch.stack([d.detach().float() for d in out.densities]))
+            if scaler:
+                scaler.unscale_(optimizer)
+            if t.clip > 0:
+                nn.utils.clip_grad_norm_(model.parameters(), t.clip)
+            if scaler:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            scheduler.step()
+            step += 1
+            mean_density = float(torch.stack(step_density).mean()) if step_density else None
+            window["loss"] += step_loss
+            window["correct"] += step_correct
+            window["count"] += step_count
+            window["density"] += mean_density or 0.0
+            window["n"] += 1
+            now = time.perf_counter()
+            if step % t.log_every == 0 or step == t.steps:
+                n = max(int(window["n"]), 1)
+                row = {
+                    "step": step,
+                    "split": "train",
+                    "loss": f"{window['loss'] / n:.6g}",
+                    "accuracy": f"{window['correct'] / max(window['count'], 1):.6g}",
+                    "density": f"{window['density'] / n:.6g}" if step_density else "",
+                    "lr": f"{scheduler.get_last_lr()[0]:.6g}",
+                    "seconds": f"{elapsed_before + now - t_start:.3f}",
+                    "steps_per_s": f"{n / max(now - t_window, 1e-9):.4g}",
+                }
+                per = torch.stack(step_density).mean(0).tolist() if step_density else None
+                metrics.add(row, per)
+                progress.update(step, row)
+                if quiet:
+                    echo(_format_row(row, t.steps))
+                window = {"loss": 0.0, "correct": 0.0, "count": 0.0, "density": 0.0, "n": 0}
+                t_window = now
+            if step % t.eval_every == 0 or step == t.steps:
+                result = evaluate(model, splits["val"], task, cfg, device, autocast=autocast)
+                row = {
+                    "step": step,
+                    "split": "val",
+                    "loss": f"{result.loss:.6g}",
+                    "accuracy": f"{result.accuracy:.6g}",
+                    "density": "" if result.density is None else f"{result.density:.6g}",
+                    "seconds": f"{elapsed_before + time.perf_counter() - t_start:.3f}",
+                }
+                metrics.add(row, result.per_layer_head)
+                if quiet:
+                    echo(_format_row(row, t.steps))
+                else:
+                    progress.write(_format_row(row, t.steps))
+                if result.accuracy > best["accuracy"]:
+                    best = {"accuracy": result.accuracy, "step": step}
+                    checkpoint("best", step, elapsed_before + time.perf_counter() - t_start)
+                checkpoint("last", step, elapsed_before + time.perf_counter() - t_start)
+    except KeyboardInterrupt:
+        interrupted = True
+        checkpoint("last", step, elapsed_before + time.perf_counter() - t_start)
+        echo(
+            f"\ninterrupted: saved a checkpoint at step {step}; continue with: "
+            f"sbmt train --resume {run_dir}"
+        )
+    finally:
+        progress.close()
+        metrics.close()
+    if interrupted:
+        raise KeyboardInterrupt
+    train_seconds = elapsed_before + time.perf_counter() - t_start
+    return finish(run_dir, cfg, task, splits, model, device, autocast, train_seconds, echo)
+
+
+def finish(
+    run_dir: Path,
+    cfg: RunConfig,
+    task: TaskInfo,
+    splits: dict[str, SequenceData],
+    model: nn.Module,
+    device: torch.device,
+    autocast: Callable[[], Any],
+    train_seconds: float,
+    echo: Callable[[str], None],
+) -> dict[str, Any]:
+    """Test the best checkpoint, write summary.json and the plots."""
+    ckpt_dir = run_dir / "checkpoints"
+    best_state, best_step = load_checkpoint(ckpt_dir, "best")
+    load_model_state(model, best_state["model"], str(ckpt_dir / "best.json"))
+    val = evaluate(model, splits["val"], task, cfg, device, autocast=autocast)
+    test = evaluate(model, splits["test"], task, cfg, device, autocast=autocast)
+    summary = {
+        "task": task.name,
+        "attention": cfg.model.attention,
+        "best_step": best_step,
+        "val_accuracy": val.accuracy,
+        "val_loss": val.loss,
+        "test_accuracy": test.accuracy,
+        "test_loss": test.loss,
+        "test_density": test.density,
+        "test_density_per_layer_head": test.per_layer_head,
+        "train_seconds": train_seconds,
+        "steps": cfg.train.steps,
+        "steps_per_s": cfg.train.steps / max(train_seconds, 1e-9),
+        "seconds_per_step": train_seconds / max(cfg.train.steps, 1),
+        "peak_memory_bytes": peak_memory_bytes(device),
+        "parameters": count_parameters(model),
+        "eval_samples": cfg.train.eval_samples,
+        "chance_accuracy": 1.0 / task.num_classes if task.kind in ("classify", "match") else None,
+        "device": str(device),
+        "torch": torch.__version__,
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    from sbm_transformer import plots
+
+    made = plots.plot_run(run_dir, model=model, data=splits["val"], task=task, device=device)
+    echo(
+        f"test accuracy {test.accuracy:.4f} (best val {val.accuracy:.4f} at step {best_step})"
+        + ("" if test.density is None else f", density {test.density:.2%}")
+        + f"; {train_seconds / max(cfg.train.steps, 1) * 1000:.0f} ms/step"
+    )
+    echo(f"summary: {run_dir / 'summary.json'}; plots: " + ", ".join(str(p) for p in made))
+    return summary
+
+
+def load_run_config(run_dir: Path) -> RunConfig:
+    """The configuration saved in a run directory."""
+    path = run_dir / "config.yaml"
+    if not path.exists():
+        raise RunDirError(f"{run_dir} is not a run directory (no config.yaml)")
+    return from_dict(_load_yaml(path), source=str(path))
+
+
+def _differences(a: RunConfig, b: RunConfig) -> set[str]:
+    da, db = a.to_dict(), b.to_dict()
+    return {f"{s}.{k}" for s in da for k in da[s] if da[s][k] != db[s][k]}
+
+
+def evaluate_run(
+    run_dir: str | Path,
+    *,
+    split: str = "test",
+    checkpoint: str = "best",
+    samples: int | None = None,
+    echo: Callable[[str], None] = print,
+) -> EvalResult:
+    """Re-evaluate a run's checkpoint (``sbmt eval``)."""
+    run_dir = Path(run_dir)
+    cfg = load_run_config(run_dir)
+    device = resolve_device(cfg.train.device)
+    autocast, _ = autocast_context(cfg.train.amp, device)
+    task, splits, model = build(cfg, device)
+    if split not in splits:
+        raise ValueError(f"unknown split {split!r}; valid: {', '.join(splits)}")
+    state, step = load_checkpoint(run_dir / "checkpoints", checkpoint)
+    load_model_state(model, state["model"], str(run_dir / "checkpoints" / f"{checkpoint}.json"))
+    result = evaluate(model, splits[split], task, cfg, device, samples=samples, autocast=autocast)
+    echo(
+        f"{run_dir} [{checkpoint} @ step {step}] {split}: accuracy {result.accuracy:.4f}, "
+        f"loss {result.loss:.4f}"
+        + ("" if result.density is None else f", density {result.density:.2%}")
+    )
+    return result
+
+
+def _load_yaml(path: Path) -> dict[str, Any]:
+    import yaml
+
+    try:
+        values = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise RunDirError(f"{path}: invalid YAML: {err}") from err
+    if not isinstance(values, dict):
+        raise RunDirError(f"{path}: expected a mapping of sections")
+    return values
+
+
+def _format_row(row: dict[str, Any], steps: int) -> str:
+    parts = [
+        f"step {row['step']}/{steps}",
+        row["split"],
+        f"loss {float(row['loss']):.4f}",
+        f"acc {float(row['accuracy']):.4f}",
+    ]
+    if row.get("density"):
+        parts.append(f"density {float(row['density']):.2%}")
+    if row.get("steps_per_s"):
+        parts.append(f"{float(row['steps_per_s']):.2f} steps/s")
+    return "  ".join(parts)
+
+
+class _Progress:
+    """tqdm progress bar (loss, accuracy, density, steps/s, ETA); a no-op in quiet mode."""
+
+    def __init__(self, total: int, start: int, quiet: bool) -> None:
+        self.bar = None
+        if not quiet:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
+        self.last = start
+
+    def update(self, step: int, row: dict[str, Any]) -> None:
+        if self.bar is None:
+            return
+        self.bar.update(step - self.last)
+        self.last = step
+        post = {"loss": f"{float(row['loss']):.3f}", "acc": f"{float(row['accuracy']):.3f}"}
+        if row.get("density"):
+            post["density"] = f"{float(row['density']):.1%}"
+        self.bar.set_postfix(post, refresh=False)
+
+    def write(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.write(text)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
