@@ -154,9 +154,9 @@ def comparison_table(rows: list[dict[str, Any]]) -> str:
             f"{r['seconds_per_step'] * 1000:.0f} | {r['peak_memory_bytes'] / 2**20:.0f} MiB | "
             f"{r['parameters']:,} |"
         )
-    chance = rows[0].get("chance_accuracy") if rows else None
-    if chance:
-        lines.append(f"\nChance accuracy: {chance:.4f}.")
+    majority = rows[0].get("majority_accuracy") if rows else None
+    if majority:
+        lines.append(f"\nAlways predicting the most common label scores {majority:.4f}.")
     return "\n".join(lines)
 
 

@@ -13,27 +13,30 @@ from pathlib import Path
 
 from sbm_transformer.config import preset
 
+#: The repeated-tokens setting shared by the demo and docs/results.md (section a).
+REPEAT_TASK = [
+    "data.task=repeat",
+    "data.min_length=48",
+    "data.max_length=64",
+    "data.vocab=64",  # ~58 % of tokens repeat: a balanced-ish binary label per token
+    "model.num_clusters=16",
+    "train.batch_size=32",
+    "train.lr=2e-3",
+    "train.warmup=80",
+    "train.sparsity_weight=1e-4",  # the paper's weight
+]
+
 
 def demo_config(quick: bool = False) -> list[str]:
     """The ``--set`` overrides of the demo on top of the ``tiny`` preset."""
-    steps = 60 if quick else 800
     return [
-        "data.task=repeat",
-        "data.min_length=48",
-        "data.max_length=64",
-        "data.vocab=64",
+        *REPEAT_TASK,
         f"data.train_size={800 if quick else 16000}",
         f"data.val_size={200 if quick else 1000}",
         f"data.test_size={200 if quick else 1000}",
-        "model.num_clusters=16",
-        "model.init_density=0.25",
-        "model.exploration=0.01",
-        f"train.steps={steps}",
-        "train.batch_size=32",
-        "train.lr=2e-3",
-        f"train.warmup={10 if quick else 80}",
-        f"train.eval_every={30 if quick else 200}",
-        "train.sparsity_weight=1e-3",
+        f"train.steps={60 if quick else 2500}",
+        f"train.eval_every={30 if quick else 500}",
+        *(["train.warmup=10"] if quick else []),
     ]
 
 
@@ -48,7 +51,9 @@ def run_demo(out: Path, *, quick: bool = False, quiet: bool = False) -> None:
     print(
         "sbm-transformer demo: SBM attention vs full softmax attention on the repeated-tokens "
         "task\n"
-        "(label each token: does it occur elsewhere in the sequence?). Chance is about 50 %.\n"
+        "(label each token: does it occur elsewhere in the sequence?). About 58 % of tokens do,\n"
+        "so always answering 'yes' scores 0.58. Two small models, 2500 steps each: about 5 "
+        "minutes.\n"
     )
     _compare(args, ["sbm", "softmax"], title="repeated tokens: SBM vs full attention")
     print(

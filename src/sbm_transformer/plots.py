@@ -204,9 +204,9 @@ def plot_comparison(rows: list[dict[str, Any]], path: str | Path, title: str) ->
     fig, axes = plt.subplots(1, 3, figsize=(13, 4))
     axes[0].bar(names, [r["test_accuracy"] for r in rows], color="tab:blue")
     axes[0].set_ylabel("test accuracy")
-    chance = rows[0].get("chance_accuracy") if rows else None
-    if chance:
-        axes[0].axhline(chance, color="k", ls="--", lw=1, label="chance")
+    majority = rows[0].get("majority_accuracy") if rows else None
+    if majority:
+        axes[0].axhline(majority, color="k", ls="--", lw=1, label="most common label")
         axes[0].legend()
     axes[1].bar(names, [r["seconds_per_step"] * 1000 for r in rows], color="tab:orange")
     axes[1].set_ylabel("ms per training step")

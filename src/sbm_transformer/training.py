@@ -566,7 +566,7 @@ def finish(
         "peak_memory_bytes": peak_memory_bytes(device),
         "parameters": count_parameters(model),
         "eval_samples": cfg.train.eval_samples,
-        "chance_accuracy": 1.0 / task.num_classes if task.kind in ("classify", "match") else None,
+        "majority_accuracy": majority_accuracy(splits["test"], task),
         "device": str(device),
         "torch": torch.__version__,
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
@@ -582,6 +582,20 @@ def finish(
     )
     echo(f"summary: {run_dir / 'summary.json'}; plots: " + ", ".join(str(p) for p in made))
     return summary
+
+
+def majority_accuracy(data: SequenceData, task: TaskInfo) -> float | None:
+    """Accuracy of always predicting the most common label of ``data`` (None for ``lm``)."""
+    if task.kind == "lm" or len(data) == 0:
+        return None
+    labels = data.labels
+    if isinstance(labels, Tensor):
+        flat = labels.reshape(-1)
+    else:
+        assert labels is not None
+        flat = torch.cat([torch.as_tensor(x).reshape(-1) for x in labels])
+    flat = flat[flat != IGNORE_INDEX]
+    return float(torch.bincount(flat).max()) / max(flat.numel(), 1)
 
 
 def load_run_config(run_dir: Path) -> RunConfig:

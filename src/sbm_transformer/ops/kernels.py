@@ -75,19 +75,10 @@ class TorchKernels:
 
     name = "torch"
 
-    @staticmethod
-    def _cached(graph: Graph, name: str, build) -> Tensor:
-        value = graph._cache.get(name)
-        if value is None:
-            value = build()
-            graph._cache[name] = value
-        assert isinstance(value, Tensor)
-        return value
-
     def _block_cols(self, graph: Graph) -> Tensor:
         """(E,) stacked key row of each edge: (b*H + h)*M + j."""
         n, m = graph.num_queries, graph.num_keys
-        return self._cached(
+        return _cached(
             graph, "block_cols", lambda: (graph.row_indices() // n) * m + graph.col_indices
         )
 
@@ -104,7 +95,7 @@ class TorchKernels:
             )
             return (col_of_t // m) * n + t.row_indices
 
-        return self._cached(graph, "block_rows_t", build)
+        return _cached(graph, "block_rows_t", build)
 
     def _csr(self, graph: Graph, vals: Tensor) -> Tensor:
         b, h, n, m = graph.shape
