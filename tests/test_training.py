@@ -214,3 +214,10 @@ def test_cli_train_compare_eval_data(tmp_path, capsys) -> None:
 def test_cli_errors_list_valid_choices(argv, message, capsys, tmp_path) -> None:
     assert main([*argv, "--run-dir", str(tmp_path / "x")] if argv[0] == "train" else argv) == 2
     assert message in capsys.readouterr().err
+
+
+def test_quick_demo(tmp_path, capsys) -> None:
+    assert main(["demo", "--quick", "--quiet", "--out", str(tmp_path / "demo")]) == 0
+    out = capsys.readouterr().out
+    assert "| sbm |" in out and "| softmax |" in out and "most common label" in out
+    assert (tmp_path / "demo" / "sbm" / "plots" / "density.png").exists()
