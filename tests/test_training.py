@@ -221,3 +221,33 @@ def test_quick_demo(tmp_path, capsys) -> None:
     out = capsys.readouterr().out
     assert "| sbm |" in out and "| softmax |" in out and "most common label" in out
     assert (tmp_path / "demo" / "sbm" / "plots" / "density.png").exists()
+
+
+@pytest.mark.parametrize(
+    ("task", "attention", "extra"),
+    [
+        ("listops", "sbm", ["data.min_length=10", "data.max_length=40"]),
+        ("retrieval", "sbm", ["data.min_length=24", "data.max_length=40", "data.vocab=8"]),
+        ("lm", "sbm", ["data.min_length=10", "data.max_length=40"]),
+        ("lm", "linear", ["data.min_length=10", "data.max_length=40"]),
+    ],
+)
+def test_every_task_kind_trains(tmp_path, task: str, attention: str, extra: list[str]) -> None:
+    cfg = preset("tiny", task)
+    cfg.model.attention = attention
+    apply_overrides(
+        cfg,
+        [
+            *SMALL[3:],
+            "train.steps=4",
+            "train.eval_every=2",
+            "train.batch_size=8",
+            "data.train_size=32",
+            "data.val_size=8",
+            "data.test_size=8",
+            *extra,
+        ],
+    )
+    summary = train(cfg, tmp_path / "run", quiet=True, echo=lambda s: None)
+    assert 0.0 <= summary["test_accuracy"] <= 1.0
+    assert (summary["test_density"] is not None) == (attention == "sbm")
