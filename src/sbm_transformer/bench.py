@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from sbm_transformer._memory import PeakMemory
 from sbm_transformer._numba import numba_enabled
 from sbm_transformer.attention import SBMAttention
 from sbm_transformer.functional import sbm_attention
@@ -228,46 +229,15 @@ def _probe(case: Case, s: Settings, method: str) -> dict[str, float]:
     """Peak memory of one call of ``method``; runs in its own process."""
     work = Workload(case, s)
     fn = work.method(method)
-    if s.device.startswith("cuda"):
-        fn()
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        fn()
-        torch.cuda.synchronize()
-        return {"peak_bytes": float(torch.cuda.max_memory_allocated() - before)}
     small = Workload(Case(256, density=0.05), s)  # load compiled kernels without a big peak
     small.method(method)()
     del small
+    if s.device.startswith("cuda"):
+        fn()  # the GPU allocator's peak counts only tensors: warm up the big call itself
     work._zero_grads()
-    before = _status_kib("VmRSS")
-    reset = _reset_peak_rss()
+    memory = PeakMemory(s.device)
     fn()
-    peak = _status_kib("VmHWM") if reset else _maxrss_kib()
-    return {"peak_bytes": float(max(peak - before, 0) * 1024)}
-
-
-def _status_kib(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{key} not in /proc/self/status")
-
-
-def _reset_peak_rss() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
-        return True
-    except OSError:
-        return False
-
-
-def _maxrss_kib() -> int:
-    import resource
-
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+    return {"peak_bytes": float(memory.peak())}
 
 
 def measure_memory(case: Case, s: Settings, method: str) -> float:

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from sbm_transformer._memory import PeakMemory
 from sbm_transformer.checkpoint import (
     CheckpointError,
     load_checkpoint,
@@ -122,22 +123,6 @@ def task_loss(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     valid = flat_labels != IGNORE_INDEX
     correct = ((flat_logits.argmax(-1) == flat_labels) & valid).sum()
     return loss, correct, valid.sum()
-
-
-def peak_memory_bytes(device: torch.device) -> int:
-    """Peak GPU allocation, or the process's peak resident set on a CPU (Linux)."""
-    if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device))
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    import resource
-
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
 def rng_state() -> dict[str, Any]:
@@ -374,6 +359,7 @@ def train(
         torch.set_num_threads(cfg.train.threads)
     device = resolve_device(cfg.train.device)
     autocast, needs_scaler = autocast_context(cfg.train.amp, device)
+    memory = PeakMemory(device)
     task, splits, model = build(cfg, device)
     t = cfg.train
     optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
@@ -529,7 +515,9 @@ def train(
     if interrupted:
         raise KeyboardInterrupt
     train_seconds = elapsed_before + time.perf_counter() - t_start
-    return finish(run_dir, cfg, task, splits, model, device, autocast, train_seconds, echo)
+    return finish(
+        run_dir, cfg, task, splits, model, device, autocast, train_seconds, memory.peak(), echo
+    )
 
 
 def finish(
@@ -541,6 +529,7 @@ def finish(
     device: torch.device,
     autocast: Callable[[], Any],
     train_seconds: float,
+    peak_memory: int,
     echo: Callable[[str], None],
 ) -> dict[str, Any]:
     """Test the best checkpoint, write summary.json and the plots."""
@@ -563,7 +552,7 @@ def finish(
         "steps": cfg.train.steps,
         "steps_per_s": cfg.train.steps / max(train_seconds, 1e-9),
         "seconds_per_step": train_seconds / max(cfg.train.steps, 1),
-        "peak_memory_bytes": peak_memory_bytes(device),
+        "peak_memory_bytes": peak_memory,
         "parameters": count_parameters(model),
         "eval_samples": cfg.train.eval_samples,
         "majority_accuracy": majority_accuracy(splits["test"], task),
