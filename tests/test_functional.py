@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from conftest import SPARSE_BACKENDS, padding_mask, sbm_inputs
@@ -239,8 +240,10 @@ def test_any_graph_any_shape_parity(dims, density, seed) -> None:
 
 
 @pytest.mark.skipif("sparse-numba" not in SPARSE_BACKENDS, reason="numba not installed")
-def test_tiled_straight_through_products_match(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Membership tables larger than a tile are processed tile by tile: same gradients."""
+@pytest.mark.parametrize("graph_kind", ["sampled", "sorted", "unordered"])
+def test_tiled_kernels_match(monkeypatch: pytest.MonkeyPatch, graph_kind: str) -> None:
+    """Tables larger than a tile are gathered tile by tile: same outputs and gradients, whether
+    rows come grouped by tile (sorted) or not (then they are regrouped)."""
     from sbm_transformer.ops import kernels
 
     inputs = make_case(2, 2, 37, 29, 4, 3, 5)
@@ -249,10 +252,46 @@ def test_tiled_straight_through_products_match(monkeypatch: pytest.MonkeyPatch) 
     graph = sample_graph(
         Y, Z, B, exploration=0.1, key_padding_mask=mask, generator=torch.Generator().manual_seed(4)
     )
+    if graph_kind == "sorted":
+        graph = graph.sorted()
+    elif graph_kind == "unordered":  # keys in each row reversed, order unknown to the kernels
+        rows = graph.row_indices().long()
+        order = torch.argsort(rows * 1000 - graph.col_indices.long(), stable=True)
+        graph = Graph(graph.crow_indices, graph.col_indices[order], graph.shape)
     want = run(inputs, graph, "dense", key_padding_mask=mask)
-    monkeypatch.setattr(kernels, "_TILE_BYTES", 5 * 8 * 4)  # 4 rows of K=5 float64 per tile
+    monkeypatch.setattr(kernels, "_TILE_BYTES", 4 * 8 * 4)  # a few rows of float64 per tile
     monkeypatch.setattr(kernels, "_MIN_EDGES_PER_TILE", 0)
     got = run(inputs, graph, "sparse-numba", key_padding_mask=mask)
     assert_close_all(got, want)
-    assert any(isinstance(key, tuple) and key[0] == "row_tiles" for key in graph._cache)
-    assert any(isinstance(key, tuple) and key[0] == "col_tiles" for key in graph._cache)
+    shifts = [key[1] for key in graph._cache if isinstance(key, tuple) and key[0] == "row_tiles"]
+    assert shifts and min(shifts) < 4  # really tiled
+
+
+@pytest.mark.skipif("sparse-numba" not in SPARSE_BACKENDS, reason="numba not installed")
+def test_sampler_tile_pointers_match_a_fresh_pass() -> None:
+    """Tile pointers the sampler leaves (4096-key tiles), and coarser ones derived from them,
+    equal pointers computed from the graph itself; keys really are grouped by tile."""
+    from sbm_transformer._numba_sampler import TILE_SHIFT
+    from sbm_transformer.ops import _numba_kernels as nk
+    from sbm_transformer.ops import kernels
+
+    n, m, k = 6, 3 * (1 << TILE_SHIFT) + 5, 3  # four fine tiles, the last one nearly empty
+    gen = torch.Generator().manual_seed(0)
+    Y = torch.rand(1, 2, n, k, generator=gen)
+    Z = torch.rand(1, 2, m, k, generator=gen)
+    B = torch.full((1, 2, k, k), 200.0)
+    graph = sample_graph(Y, Z, B, exploration=0.5, generator=torch.Generator().manual_seed(1))
+    assert ("tile_ptr", TILE_SHIFT) in graph._cache
+    crow, col = graph.crow_indices.numpy(), graph.col_indices.numpy()
+    for tiles, shift in [(4, TILE_SHIFT), (2, TILE_SHIFT + 1), (1, 62)]:
+        ptr, order = kernels._row_tiles(graph, tiles)
+        assert order.size == 0
+        num = ptr.shape[0] - 1
+        np.testing.assert_array_equal(ptr, nk.tile_pointers(crow, col, shift, num))
+        rows = np.repeat(np.arange(crow.shape[0] - 1), np.diff(crow))
+        for t in range(num):  # each tile's range holds exactly that tile's keys
+            in_tile = (np.arange(col.shape[0]) >= ptr[t][rows]) & (
+                np.arange(col.shape[0]) < ptr[t + 1][rows]
+            )
+            assert np.all((col[in_tile] >> shift) == t)
+        assert ptr[num].tolist() == crow[1:].tolist()

@@ -168,20 +168,20 @@ _REJECTION_MAX_RATIO = 4.0
 
 
 @njit(parallel=True, cache=True)
-def _key_tables(zt, prob, alias, totals, maxima, use_alias):  # pragma: no cover
+def _key_tables(z, prob, alias, totals, maxima, use_alias):  # pragma: no cover
     """Per (pair, cluster): key-weight totals and maxima, and alias tables where needed.
 
     ``use_alias[p, b]`` tells whether cluster b of pair p got an alias table in
     ``prob``/``alias`` (P, K, M); other clusters sample by rejection and never touch their rows
     of the tables.
     """
-    num_pairs, k, m = zt.shape
+    num_pairs, m, k = z.shape
     for tb in prange(num_pairs * k):
         p, b = tb // k, tb % k
         total = 0.0
         top = 0.0
         for j in range(m):
-            x = zt[p, b, j]
+            x = z[p, j, b]
             total += x
             top = max(top, x)
         totals[p, b] = total
@@ -191,7 +191,7 @@ def _key_tables(zt, prob, alias, totals, maxima, use_alias):  # pragma: no cover
             scaled = np.empty(m, np.float64)
             small = np.empty(m, np.int32)
             large = np.empty(m, np.int32)
-            _build_alias(zt[p, b], prob[p, b], alias[p, b], scaled, small, large)
+            _build_alias(z[p, :, b], prob[p, b], alias[p, b], scaled, small, large)
 
 
 @njit(parallel=True, cache=True)
@@ -217,18 +217,18 @@ def _count(seed, u, totals, visible, eps, heads, cnt, deg):  # pragma: no cover
 
 @njit(parallel=True, cache=True)
 def _fill(
-    seed, zt, maxima, use_alias, prob, alias, valid, visible, heads, cnt, deg, offsets, buf
+    seed, z, maxima, use_alias, prob, alias, valid, visible, heads, cnt, deg, offsets, buf
 ):  # pragma: no cover
     """Draw every edge's key into its row's slot for its component (not causal)."""
     num_pairs, kk, n = cnt.shape
     k = kk - 1
-    m = zt.shape[2]
+    m = z.shape[1]
     for tb in prange(num_pairs * kk):
         p, b = tb // kk, tb % kk
         bb = p // heads
         state = _stream(seed, 2, tb)
         bk = min(b, k - 1)
-        weights, top, tabled = zt[p, bk], maxima[p, bk], use_alias[p, bk]
+        weights, top, tabled = z[p, :, bk], maxima[p, bk], use_alias[p, bk]
         prob_b, alias_b = prob[p, bk], alias[p, bk]
         for i in range(n):
             r = p * n + i
@@ -254,14 +254,14 @@ def _fill(
 
 
 @njit(parallel=True, cache=True)
-def _prefix_sums(zt, zcum):  # pragma: no cover
-    """``zcum[p, b, j] = sum of zt[p, b, :j+1]`` in float64."""
-    num_pairs, k, m = zt.shape
+def _prefix_sums(z, zcum):  # pragma: no cover
+    """``zcum[p, b, j] = sum of z[p, :j+1, b]`` in float64."""
+    num_pairs, m, k = z.shape
     for tb in prange(num_pairs * k):
         p, b = tb // k, tb % k
         acc = 0.0
         for j in range(m):
-            acc += zt[p, b, j]
+            acc += z[p, j, b]
             zcum[p, b, j] = acc
 
 
@@ -344,30 +344,58 @@ def _dedup(offsets, buf, m, kept):  # pragma: no cover
             kept[r] = w - st
 
 
+#: The sampler leaves each row's keys grouped by ``j >> TILE_SHIFT`` (4096-key tiles, ascending),
+#: so that the kernels can gather tile by tile without regrouping (``Graph.tile_shift``).
+TILE_SHIFT = 12
+
+
 @njit(parallel=True, cache=True)
-def _compact(offsets, buf, crow, col):  # pragma: no cover
-    for r in prange(crow.shape[0] - 1):
-        src = offsets[r]
-        for t in range(crow[r + 1] - crow[r]):
-            col[crow[r] + t] = buf[src + t]
+def _compact(offsets, buf, crow, col, m, ptr):  # pragma: no cover
+    """Copy each row's kept keys into the final array, grouped by tile (a stable counting sort
+    by ``j >> TILE_SHIFT``); ``ptr`` (tiles + 1, R) receives each tile's range in each row."""
+    num_rows = crow.shape[0] - 1
+    tiles = ptr.shape[0] - 1
+    chunk = 256
+    for c in prange((num_rows + chunk - 1) // chunk):
+        counts = np.zeros(tiles + 1, np.int64)
+        for r in range(c * chunk, min(num_rows, (c + 1) * chunk)):
+            src, dst, size = offsets[r], crow[r], crow[r + 1] - crow[r]
+            ptr[0, r] = dst
+            ptr[tiles, r] = dst + size
+            if tiles == 1:
+                for t in range(size):
+                    col[dst + t] = buf[src + t]
+                continue
+            for t in range(tiles + 1):
+                counts[t] = 0
+            for t in range(size):
+                counts[(buf[src + t] >> TILE_SHIFT) + 1] += 1
+            for t in range(tiles):
+                counts[t + 1] += counts[t]
+                ptr[t + 1, r] = dst + counts[t + 1]
+            for t in range(size):
+                j = buf[src + t]
+                tile = j >> TILE_SHIFT
+                col[dst + counts[tile]] = j
+                counts[tile] += 1
 
 
 def sample_csr(
     seed: int,
     u: np.ndarray,
-    zt: np.ndarray,
+    z: np.ndarray,
     valid: np.ndarray,
     visible: np.ndarray,
     eps: float,
     causal: bool,
     heads: int,
-) -> tuple[np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Sample all (batch, head) graphs at once.
 
     Args:
         seed: 63-bit seed.
         u: ``(P, N, K)`` float, ``Y B`` (query rates per key cluster), P = B * H stacked pairs.
-        zt: ``(P, K, M)`` float, key memberships transposed, zero for padded keys.
+        z: ``(P, M, K)`` float, key memberships, zero for padded keys.
         valid: ``(B, M)`` int64, indices of the non-padded keys of each sequence first.
         visible: ``(B, N)`` int64, number of keys each query may see (its prefix when causal).
         eps: exploration rate.
@@ -375,19 +403,20 @@ def sample_csr(
         heads: H, to map a pair ``p`` to its sequence ``p // H``.
 
     Returns:
-        ``crow`` (P*N + 1,) and ``col`` (E,) of the deduplicated CSR graph (columns within a row
-        in draw order, not sorted); int32 when the edge count and the stacked sizes allow, else
-        int64.
+        ``crow`` (P*N + 1,) and ``col`` (E,) of the deduplicated CSR graph, each row's keys
+        grouped by tile of ``2^TILE_SHIFT`` keys (in draw order within a tile), and ``ptr``
+        (tiles + 1, P*N): each tile's range in each row; int32 when the edge count and the
+        stacked sizes allow, else int64.
     """
     num_pairs, n, k = u.shape
-    m = zt.shape[2]
+    m = z.shape[1]
     cnt = scratch("sampler_counts", (num_pairs, k + 1, n), np.int32)
     deg = scratch("sampler_degrees", (num_pairs * n,), np.int64)
     offsets = scratch("sampler_offsets", (num_pairs * n + 1,), np.int64)
     offsets[0] = 0
     if causal:
         zcum = scratch("sampler_prefix", (num_pairs, k, m), np.float64)
-        _prefix_sums(zt, zcum)
+        _prefix_sums(z, zcum)
         _count_causal(seed, u, zcum, visible, eps, heads, cnt, deg)
     else:
         prob = scratch("sampler_prob", (num_pairs, k, m), np.float64)
@@ -395,7 +424,7 @@ def sample_csr(
         totals = np.empty((num_pairs, k), np.float64)
         maxima = np.empty((num_pairs, k), np.float64)
         use_alias = np.empty((num_pairs, k), np.bool_)
-        _key_tables(zt, prob, alias, totals, maxima, use_alias)
+        _key_tables(z, prob, alias, totals, maxima, use_alias)
         _count(seed, u, totals, visible, eps, heads, cnt, deg)
     np.cumsum(deg, out=offsets[1:])
     fits32 = max(int(offsets[-1]), num_pairs * max(n, m) + 1) <= np.iinfo(np.int32).max
@@ -405,12 +434,14 @@ def sample_csr(
         _fill_causal(seed, zcum, valid, visible, heads, cnt, deg, offsets, buf)
     else:
         _fill(
-            seed, zt, maxima, use_alias, prob, alias, valid, visible, heads, cnt, deg, offsets, buf
+            seed, z, maxima, use_alias, prob, alias, valid, visible, heads, cnt, deg, offsets, buf
         )
     kept = scratch("sampler_kept", (num_pairs * n,), np.int64)
     _dedup(offsets, buf, m, kept)
     crow = np.zeros(num_pairs * n + 1, index_dtype)
     np.cumsum(kept, out=crow[1:])
     col = np.empty(int(crow[-1]), index_dtype)
-    _compact(offsets, buf, crow, col)
-    return crow, col
+    tiles = -(-m >> TILE_SHIFT)
+    ptr = np.empty((tiles + 1, num_pairs * n), index_dtype)
+    _compact(offsets, buf, crow, col, m, ptr)
+    return crow, col, ptr

@@ -52,6 +52,9 @@ class Graph:
         col_indices: ``(E,)`` local key index ``j`` in ``[0, M)`` of each edge, same dtype as
             ``crow_indices``, no key twice within a row.
         shape: ``(B, H, N, M)``.
+        tile_shift: when known, the keys of each row are grouped by ``j >> tile_shift`` in
+            ascending groups (0: sorted); the CPU kernels then gather tile by tile without
+            regrouping. None: no known order.
         check: verify dtypes, sizes and devices (cheap, O(1)); :meth:`validate` checks the
             contents (O(E)).
 
@@ -65,7 +68,7 @@ class Graph:
         True
     """
 
-    __slots__ = ("_cache", "col_indices", "crow_indices", "shape")
+    __slots__ = ("_cache", "col_indices", "crow_indices", "shape", "tile_shift")
 
     def __init__(
         self,
@@ -73,15 +76,17 @@ class Graph:
         col_indices: Tensor,
         shape: tuple[int, int, int, int],
         *,
+        tile_shift: int | None = None,
         check: bool = True,
     ) -> None:
         self.crow_indices = crow_indices
         self.col_indices = col_indices
+        self.tile_shift = tile_shift
         if len(shape) != 4:
             raise ValueError(f"Graph shape must be (B, H, N, M), got {tuple(shape)}")
         b, h, n, m = (int(s) for s in shape)
         self.shape: tuple[int, int, int, int] = (b, h, n, m)
-        self._cache: dict[str, object] = {}
+        self._cache: dict[object, object] = {}
         if check:
             self._check_structure()
 
@@ -162,7 +167,7 @@ class Graph:
         counts = torch.bincount(rows, minlength=b * h * n)
         crow = torch.zeros(b * h * n + 1, dtype=idt, device=mask.device)
         crow[1:] = counts.cumsum(0)
-        return cls(crow, cols.to(idt), (b, h, n, m))
+        return cls(crow, cols.to(idt), (b, h, n, m), tile_shift=0)
 
     def to_dense(self) -> Tensor:
         """The adjacency as a bool tensor ``(B, H, N, M)``."""
@@ -226,7 +231,12 @@ class Graph:
         device = torch.device(device)
         if device == self.device:
             return self
-        return Graph(self.crow_indices.to(device), self.col_indices.to(device), self.shape)
+        return Graph(
+            self.crow_indices.to(device),
+            self.col_indices.to(device),
+            self.shape,
+            tile_shift=self.tile_shift,
+        )
 
     # ------------------------------------------------------------- transpose
     def transpose(self) -> TransposedGraph:
@@ -242,9 +252,8 @@ class Graph:
         """A copy whose columns are ascending within each row (O(E log E))."""
         key = self.row_indices().long() * self.num_keys + self.col_indices.long()
         key = torch.sort(key).values
-        return Graph(
-            self.crow_indices, (key % max(self.num_keys, 1)).to(self.col_indices.dtype), self.shape
-        )
+        col = (key % max(self.num_keys, 1)).to(self.col_indices.dtype)
+        return Graph(self.crow_indices, col, self.shape, tile_shift=0)
 
     # ------------------------------------------------------------ validation
     def validate(self) -> Graph:

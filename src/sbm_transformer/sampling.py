@@ -20,12 +20,16 @@ Sparsity and Cost", NeurIPS 2022, arXiv:2210.15541.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from sbm_transformer._numba import sync_threads, use_numba
 from sbm_transformer.graph import Graph, index_dtype
+
+if TYPE_CHECKING:
+    import numpy as np
 
 __all__ = [
     "block_matrix",
@@ -277,10 +281,14 @@ def sample_graph(
         crow = torch.zeros(bsz * heads * n + 1, dtype=torch.int32, device=Y.device)
         return Graph(crow, crow.new_zeros(0), (bsz, heads, n, m))
     if use_numba(Y):
-        crow, col = _sample_numba(Yw, Zw, Bw, exploration, causal, visible, valid, generator)
-    else:
-        crow, col = _sample_torch(Yw, Zw, Bw, exploration, causal, visible, valid, generator)
-    return Graph(crow, col, (bsz, heads, n, m))
+        from sbm_transformer._numba_sampler import TILE_SHIFT
+
+        crow, col, ptr = _sample_numba(Yw, Zw, Bw, exploration, causal, visible, valid, generator)
+        graph = Graph(crow, col, (bsz, heads, n, m), tile_shift=TILE_SHIFT)
+        graph._cache[("tile_ptr", TILE_SHIFT)] = ptr  # reused by the numba kernels
+        return graph
+    crow, col = _sample_torch(Yw, Zw, Bw, exploration, causal, visible, valid, generator)
+    return Graph(crow, col, (bsz, heads, n, m), tile_shift=0)  # torch.unique sorts
 
 
 def _seed_from(generator: torch.Generator | None, device: torch.device) -> int:
@@ -297,7 +305,7 @@ def _sample_numba(
     visible: Tensor,
     valid: Tensor,
     generator: torch.Generator | None,
-) -> tuple[Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, np.ndarray]:
     from sbm_transformer import _numba_sampler
 
     bsz, heads, n, k = Y.shape
@@ -305,19 +313,19 @@ def _sample_numba(
     p = bsz * heads
     seed = _seed_from(generator, Y.device)
     u = torch.bmm(Y.reshape(p, n, k), Bx.reshape(p, k, k))  # (P, N, K): u_ib = sum_a Y_ia B_ab
-    zt = Z.reshape(p, m, k).transpose(1, 2).contiguous()  # (P, K, M)
+    z = Z.reshape(p, m, k).contiguous()
     sync_threads()
-    crow, col = _numba_sampler.sample_csr(
+    crow, col, ptr = _numba_sampler.sample_csr(
         seed,
         u.numpy(),
-        zt.numpy(),
+        z.numpy(),
         valid.numpy(),
         visible.numpy(),
         float(eps),
         bool(causal),
         heads,
     )
-    return torch.from_numpy(crow), torch.from_numpy(col)
+    return torch.from_numpy(crow), torch.from_numpy(col), ptr
 
 
 def _categorical(weights: Tensor, rows: Tensor, generator: torch.Generator | None) -> Tensor:

@@ -19,8 +19,10 @@ Two implementations of the same two operations, on the stacked layout (query row
 from __future__ import annotations
 
 import warnings
-from typing import NamedTuple, Protocol
+from collections.abc import Callable
+from typing import NamedTuple, Protocol, TypeVar, cast
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -166,7 +168,7 @@ class TorchKernels:
 
 
 # ------------------------------------------------------------------------------------ numba
-def _np(t: Tensor):
+def _np(t: Tensor) -> np.ndarray:
     return t.detach().contiguous().numpy()
 
 
@@ -181,12 +183,16 @@ class NumbaKernels:
         from sbm_transformer.ops import _numba_kernels as nk
 
         sync_threads()
+        n, m = graph.num_queries, graph.num_keys
         out = q.new_empty(q.shape[0], v.shape[1])
         pi = q.new_empty(graph.num_edges)
         drop_np = _np(drop) if drop is not None else _np(q.new_empty(0))
+        width = max(k.shape[1], v.shape[1]) * k.element_size()
+        ptr, order = _row_tiles(graph, _num_tiles(m * width, graph.num_edges / max(q.shape[0], 1)))
         nk.forward(
-            _np(graph.crow_indices), _np(graph.col_indices), _np(q), _np(k), _np(v), drop_np,
-            scale, graph.num_queries, graph.num_keys, out.numpy(), pi.numpy(),
+            _np(graph.crow_indices), ptr, order, _np(graph.col_indices), _np(q), _np(k), _np(v),
+            drop_np, scale, n, m, out.numpy(), pi.numpy(),
+            scratch("row_max", (q.shape[0],), _np(q).dtype),
         )  # fmt: skip
         return out, pi
 
@@ -208,73 +214,111 @@ class NumbaKernels:
         sync_threads()
         n, m, e = graph.num_queries, graph.num_keys, graph.num_edges
         t = graph.transpose()
-        crow, col = _np(graph.crow_indices), _np(graph.col_indices)
-        ccol, trow = _np(t.ccol_indices), _np(t.row_indices)
+        col, trow = _np(graph.col_indices), _np(t.row_indices)
         drop_np = _np(drop) if drop is not None else _np(q.new_empty(0))
         g = _np(grad_out)
         pairs = graph.batch_size * graph.num_heads
         g_pair = _np(ste.g_pair.to(q.dtype) if ste is not None else q.new_zeros(pairs))
-        gq = torch.empty_like(q)
+        per_query, per_key = e / max(q.shape[0], 1), e / max(k.shape[0], 1)
+        item = q.element_size()
         dtype = _np(q).dtype
+        gq = torch.empty_like(q)
         w = scratch("edge_weights", (e, 2), dtype)  # per edge, by query: scale * t, G
         w_t = scratch("edge_weights_t", (e, 4), dtype)  # by key: scale * t, pi * drop, G, -
+        ptr, order = _row_tiles(graph, _num_tiles(m * (k.shape[1] + v.shape[1]) * item, per_query))
         nk.backward_rows(
-            crow, col, _np(t.tpos), _np(k), _np(v), drop_np, _np(softmax), _np(out), g, g_pair,
-            scale, n, m, gq.numpy(), w, w_t,
+            ptr, order, col, _np(t.tpos), _np(k), _np(v), drop_np, _np(softmax), _np(out), g,
+            g_pair, scale, n, m, gq.numpy(), w, w_t, scratch("row_scratch", (q.shape[0],), dtype),
         )  # fmt: skip
         gk, gv = torch.empty_like(k), torch.empty_like(v)
-        nk.backward_cols(ccol, trow, _np(q), g, w_t, n, m, gk.numpy(), gv.numpy())
+        cptr = _col_tiles(graph, _num_tiles(n * (q.shape[1] + g.shape[1]) * item, per_key))
+        nk.backward_cols(cptr, trow, _np(q), g, w_t, n, m, gk.numpy(), gv.numpy())
         if ste is None:
             return Grads(gq, gk, gv, None, None)
-        gz = q.new_empty(q.shape[0], ste.z.shape[1])
-        gy = q.new_empty(k.shape[0], ste.y.shape[1])
-        row_tiles = _num_tiles(ste.z, m, e / max(q.shape[0], 1))
-        if row_tiles > 1:
-            shift = (m - 1).bit_length() - (row_tiles - 1).bit_length()
-            ptr, order = _cached(
-                graph,
-                ("row_tiles", shift),
-                lambda: nk.group_by_tile(crow, col, shift, -(-m >> shift)),
-            )
-            nk.spmm_tiled(ptr, order, col, w, 1, _np(ste.z), n, m, gz.numpy())
-        else:
-            nk.spmm(crow, col, w, 1, _np(ste.z), n, m, gz.numpy())
-        col_tiles = _num_tiles(ste.y, n, e / max(k.shape[0], 1))
-        if col_tiles > 1:
-            shift = (n - 1).bit_length() - (col_tiles - 1).bit_length()
-            ptr = _cached(
-                graph,
-                ("col_tiles", shift),
-                lambda: nk.tile_pointers(ccol, trow, shift, -(-n >> shift)),
-            )
-            nk.spmm_tiled(ptr, ccol[:0], trow, w_t, 2, _np(ste.y), m, n, gy.numpy())
-        else:
-            nk.spmm_t(ccol, trow, w_t, 2, _np(ste.y), n, m, gy.numpy())
+        z, y = _np(ste.z), _np(ste.y)
+        gz = q.new_empty(q.shape[0], z.shape[1])
+        ptr, order = _row_tiles(graph, _num_tiles(m * z.shape[1] * item, per_query))
+        nk.spmm(ptr, order, col, w, 1, z, n, m, gz.numpy())
+        gy = q.new_empty(k.shape[0], y.shape[1])
+        cptr = _col_tiles(graph, _num_tiles(n * y.shape[1] * item, per_key))
+        nk.spmm(cptr, trow[:0], trow, w_t, 2, y, m, n, gy.numpy())
         return Grads(gq, gk, gv, gz, gy)
 
 
-#: A membership table (one pair's rows) larger than this is gathered tile by tile...
-_TILE_BYTES = 1 << 20
-#: ...when rows keep at least this many edges per tile: each tile pass re-reads the output rows.
-_MIN_EDGES_PER_TILE = 16
+#: A table gathered from (one pair's rows) larger than this is split into tiles gathered one at
+#: a time, so that the rows being gathered stay in cache...
+_TILE_BYTES = 2 << 20
+#: ...as long as rows keep at least this many edges per tile (each tile pass re-reads the rows'
+#: own data).
+_MIN_EDGES_PER_TILE = 2
 
 
-def _num_tiles(table: Tensor, rows_per_pair: int, edges_per_row: float) -> int:
-    """Tiles (a power of two) that bring one pair's table rows under ``_TILE_BYTES``; 1 (no
-    tiling) when rows would keep fewer than ``_MIN_EDGES_PER_TILE`` edges per tile."""
-    pair_bytes = rows_per_pair * table.shape[1] * table.element_size()
+def _num_tiles(pair_bytes: float, edges_per_row: float) -> int:
+    """Tiles (a power of two) that bring one pair's table under ``_TILE_BYTES``, fewer if rows
+    would keep fewer than ``_MIN_EDGES_PER_TILE`` edges per tile."""
     tiles = 1
     while pair_bytes / tiles > _TILE_BYTES:
         tiles *= 2
-    return tiles if edges_per_row / tiles >= _MIN_EDGES_PER_TILE else 1
+    while tiles > 1 and edges_per_row / tiles < _MIN_EDGES_PER_TILE:
+        tiles //= 2
+    return tiles
 
 
-def _cached(graph: Graph, key: object, build):
-    value = graph._cache.get(key)  # type: ignore[call-overload]
-    if value is None:
-        value = build()
-        graph._cache[key] = value  # type: ignore[index]
-    return value
+T = TypeVar("T")
+
+
+def _cached(graph: Graph, key: object, build: Callable[[], T]) -> T:
+    """A per-graph value computed once (graphs are immutable)."""
+    if key not in graph._cache:
+        graph._cache[key] = build()
+    return cast(T, graph._cache[key])
+
+
+def _tile_shift(rows: int, tiles: int) -> tuple[int, int]:
+    """(shift, number of tiles) splitting ``rows`` table rows into ``tiles`` power-of-two tiles."""
+    if tiles <= 1:
+        return 62, 1  # every index >> 62 is 0: one tile
+    shift = max((rows - 1).bit_length() - (tiles - 1).bit_length(), 0)
+    return shift, -(-rows >> shift)
+
+
+def _row_tiles(graph: Graph, tiles: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(ptr, order)`` of the graph's rows over ``tiles`` key tiles (cached per graph).
+
+    ``order`` is empty when the rows' keys are already grouped by tile (sampled graphs); then
+    ``ptr`` comes from the sampler's own tile pointers when it left them, else from one pass.
+    """
+    from sbm_transformer.ops import _numba_kernels as nk
+
+    shift, num = _tile_shift(graph.num_keys, tiles)
+    crow, col = _np(graph.crow_indices), _np(graph.col_indices)
+
+    def build() -> tuple[np.ndarray, np.ndarray]:
+        if num == 1:
+            return np.stack([crow[:-1], crow[1:]]), crow[:0]
+        if graph.tile_shift is None or graph.tile_shift > shift:
+            return nk.group_by_tile(crow, col, shift, num)
+        fine = graph._cache.get(("tile_ptr", graph.tile_shift))
+        if isinstance(fine, np.ndarray):  # coarser tiles: every 2^(shift - tile_shift)-th bound
+            stride = 1 << (shift - graph.tile_shift)
+            bounds = np.minimum(np.arange(num + 1) * stride, fine.shape[0] - 1)
+            return np.ascontiguousarray(fine[bounds]), crow[:0]
+        return nk.tile_pointers(crow, col, shift, num), crow[:0]
+
+    return _cached(graph, ("row_tiles", shift), build)
+
+
+def _col_tiles(graph: Graph, tiles: int) -> np.ndarray:
+    """``ptr`` of the transposed graph's rows (keys) over ``tiles`` query tiles (cached)."""
+    from sbm_transformer.ops import _numba_kernels as nk
+
+    shift, num = _tile_shift(graph.num_queries, tiles)
+    t = graph.transpose()
+    return _cached(
+        graph,
+        ("col_tiles", shift),
+        lambda: nk.tile_pointers(_np(t.ccol_indices), _np(t.row_indices), shift, num),
+    )
 
 
 _TORCH = TorchKernels()
