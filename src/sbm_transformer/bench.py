@@ -389,7 +389,8 @@ def markdown(
     for r in rows:
         tt, mm = r.times, r.memory
         lines.append(
-            f"| {r.case.n:,} | {r.case.label} | {r.edges:,} | {r.density:.4f} | "
+            f"| {r.case.n:,} | {r.case.label} | {f'{r.edges:,}' if r.edges else '-'} | "
+            f"{f'{r.density:.4f}' if r.edges else '-'} | "
             f"{_fmt_time(tt.get('sparse'))} | {_fmt_time(tt.get('sampling'))} | "
             f"{_fmt_time(tt.get('sdpa'))} | "
             f"{_fmt_time(tt.get('dense'))} | {_ratio(tt.get('sparse'), tt.get('sdpa'))} | "
@@ -544,7 +545,7 @@ def run(argv: Sequence[str] | None = None, log: Callable[[str], None] = print) -
         log(report)
     if args.json:
         Path(args.json).write_text(json.dumps([asdict(r) for r in rows], indent=1))
-    for goal, measured, ok in targets(rows):
+    for goal, measured, ok in targets(rows, scaling):
         log(
             f"target: {goal}: {measured} -> {'met' if ok else ('n/a' if ok is None else 'NOT MET')}"
         )

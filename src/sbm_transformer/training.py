@@ -359,8 +359,12 @@ def train(
         torch.set_num_threads(cfg.train.threads)
     device = resolve_device(cfg.train.device)
     autocast, needs_scaler = autocast_context(cfg.train.amp, device)
-    memory = PeakMemory(device)
     task, splits, model = build(cfg, device)
+    for module in model.modules():  # one-off kernel compilation is not the run's memory
+        warm_up = getattr(module, "warm_up", None)
+        if callable(warm_up):
+            warm_up()
+    memory = PeakMemory(device)
     t = cfg.train
     optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(t.warmup, t.steps))
