@@ -146,17 +146,6 @@ def test_state_dict_round_trip_and_repr() -> None:
     assert "num_clusters=6" in repr(a) and "init_density=0.1" in repr(a)
 
 
-@pytest.mark.parametrize("causal", [False, True])
-def test_warm_up_leaves_no_trace(causal: bool) -> None:
-    a = SBMAttention(32, 4, num_clusters=6, causal=causal)
-    before = {k: v.clone() for k, v in a.state_dict().items()}
-    rng = torch.get_rng_state()
-    a.warm_up()
-    assert torch.equal(torch.get_rng_state(), rng)
-    assert all(p.grad is None for p in a.parameters())
-    assert all(torch.equal(v, before[k]) for k, v in a.state_dict().items())
-
-
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [

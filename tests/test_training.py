@@ -82,9 +82,10 @@ def test_resume_after_interrupt_matches_an_uninterrupted_run(tmp_path, monkeypat
 
     def interrupting(*args, **kwargs):
         calls["n"] += 1
-        # calls 1-4: steps 1-4; 5-6: evaluation at step 4; 7: step 5; 8: step 6 -> stop after
-        # step 5, between two log lines (log_every=2), so the unlogged window must be restored
-        if calls["n"] == 8:
+        # call 1: the warm-up step; 2-5: steps 1-4; 6-7: evaluation at step 4; 8: step 5;
+        # 9: step 6 -> stop after step 5, between two log lines (log_every=2), so the unlogged
+        # window must be restored
+        if calls["n"] == 9:
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
@@ -251,3 +252,13 @@ def test_every_task_kind_trains(tmp_path, task: str, attention: str, extra: list
     summary = train(cfg, tmp_path / "run", quiet=True, echo=lambda s: None)
     assert 0.0 <= summary["test_accuracy"] <= 1.0
     assert (summary["test_density"] is not None) == (attention == "sbm")
+
+
+def test_warm_up_leaves_the_model_and_random_state_alone() -> None:
+    task, splits, model = training.build(config(), torch.device("cpu"))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    training.warm_up(model, splits["train"], task.kind, torch.device("cpu"))
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert all(p.grad is None for p in model.parameters())
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

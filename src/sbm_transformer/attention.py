@@ -168,26 +168,6 @@ class SBMAttention(nn.Module):
             parts.append(f"init_density={self.init_density}")
         return ", ".join(parts)
 
-    def warm_up(self) -> None:
-        """Compile (or load from numba's cache) the kernels this module will run, on a tiny input.
-
-        The first call of a process otherwise pays for it, in time and in resident memory
-        (about 140 MiB on CPU); :func:`sbm_transformer.training.train` calls this before it starts
-        measuring. Deterministic inputs and a private generator: no global random state is used,
-        no parameter or gradient is touched.
-        """
-        like = self.clusters
-        shape = (1, 2, 8, 4)
-        x = torch.linspace(-1.0, 1.0, math.prod(shape), dtype=like.dtype, device=like.device)
-        q = x.reshape(shape).requires_grad_()
-        Y = torch.full((1, 2, 8, 3), 0.5, dtype=like.dtype, device=like.device, requires_grad=True)
-        B = torch.full((2, 3, 3), 1 / 9, dtype=like.dtype, device=like.device, requires_grad=True)
-        out, stats = sbm_attention(
-            q, q, q, Y, Y, B, exploration=0.1, causal=self.causal, backend=self.backend,
-            generator=torch.Generator(like.device).manual_seed(0),
-        )  # fmt: skip
-        (out.sum() + stats.density.sum()).backward()
-
     def block_matrix(self) -> Tensor:
         """Block matrices ``(H, K, K)``, times the density factor when ``init_density`` is set."""
         blocks = block_matrix(self.clusters)
