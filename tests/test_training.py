@@ -6,6 +6,7 @@ import csv
 import json
 
 import pytest
+import torch
 
 from sbm_transformer import training
 from sbm_transformer.checkpoint import CheckpointError, load_checkpoint
