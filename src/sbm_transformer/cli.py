@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
+import multiprocessing
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -106,15 +108,14 @@ def cmd_compare(argv: Sequence[str]) -> int:
 
 def _compare(a: argparse.Namespace, names: list[str], title: str | None = None) -> int:
     from sbm_transformer.plots import plot_comparison
-    from sbm_transformer.training import train
 
     out = Path(getattr(a, "out", None) or getattr(a, "run_dir", None) or f"runs/compare-{a.task}")
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     for name in names:
-        print(f"\n=== {a.task}: {name} attention ===")
+        print(f"\n=== {a.task}: {name} attention ===", flush=True)
         cfg = _config_from_args(a, name)
-        rows.append(train(cfg, out / name, overwrite=a.overwrite, quiet=a.quiet))
+        rows.append(_train_in_own_process(cfg, out / name, overwrite=a.overwrite, quiet=a.quiet))
     table = comparison_table(rows)
     (out / "comparison.md").write_text(table + "\n")
     with open(out / "comparison.csv", "w", newline="") as f:
@@ -136,6 +137,50 @@ def _compare(a: argparse.Namespace, names: list[str], title: str | None = None) 
     print("\n" + table)
     print(f"\ntable: {out / 'comparison.md'}; plot: {plot}; runs: {out}/<attention>/")
     return 0
+
+
+def _train_in_own_process(
+    cfg: RunConfig, run_dir: Path, *, overwrite: bool, quiet: bool
+) -> dict[str, Any]:
+    """Train one run of a comparison in a fresh process and return its summary.
+
+    Every run then pays the same one-off costs, and its peak memory is its own: a process's
+    resident set does not shrink back after a run, so a later run in the same process would
+    reuse memory an earlier one freed and appear to need none.
+    """
+    proc = multiprocessing.get_context("spawn").Process(
+        target=_train_child, args=(cfg, str(run_dir), overwrite, quiet)
+    )
+    proc.start()
+    try:
+        proc.join()
+    except KeyboardInterrupt:
+        proc.join()  # the child got the signal too: let it save its checkpoint
+        raise
+    if proc.exitcode == 130:
+        raise KeyboardInterrupt
+    if proc.exitcode != 0:
+        raise ChildProcessError(
+            f"the {cfg.model.attention} run in {run_dir} failed (exit code {proc.exitcode}); "
+            "its message is above"
+        )
+    summary: dict[str, Any] = json.loads((run_dir / "summary.json").read_text())
+    return summary
+
+
+def _train_child(cfg: RunConfig, run_dir: str, overwrite: bool, quiet: bool) -> None:
+    """Body of :func:`_train_in_own_process` (exit codes as :func:`main`)."""
+    from sbm_transformer.training import train
+
+    try:
+        train(cfg, Path(run_dir), overwrite=overwrite, quiet=quiet)
+    except (ValueError, FileExistsError, FileNotFoundError, CheckpointError) as err:
+        print(f"sbmt: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    finally:
+        sys.stdout.flush()
 
 
 def comparison_table(rows: list[dict[str, Any]]) -> str:
@@ -258,7 +303,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return COMMANDS[argv[0]](argv[1:])
-    except (ValueError, FileExistsError, FileNotFoundError, CheckpointError) as err:
+    except (
+        ValueError,
+        FileExistsError,
+        FileNotFoundError,
+        CheckpointError,
+        ChildProcessError,
+    ) as err:
         print(f"sbmt {argv[0]}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
