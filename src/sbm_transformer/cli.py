@@ -189,10 +189,15 @@ def comparison_table(rows: list[dict[str, Any]]) -> str:
         "| attention | test acc | val acc | density | ms / step | peak memory | parameters |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
+    from sbm_transformer.mechanisms import attention_density
+
     for r in rows:
-        density = "1 (full)" if r.get("test_density") is None else f"{r['test_density']:.2%}"
-        if r["attention"] in ("none",):
-            density = "0 (none)"
+        measured = r.get("test_density")
+        value = attention_density(r["attention"], measured)
+        if measured is not None:
+            density = f"{measured:.2%}"
+        else:
+            density = "-" if value is None else {1.0: "1 (full)", 0.0: "0 (none)"}.get(value, "-")
         lines.append(
             f"| {r['attention']} | {r['test_accuracy']:.4f} | {r['val_accuracy']:.4f} | "
             f"{density} | "

@@ -143,6 +143,19 @@ ATTENTIONS: dict[str, Callable[[], type[nn.Module]]] = {
     "none": lambda: NoAttention,
 }
 
+#: Fraction of query-key pairs that each mechanism without a sampled graph mixes: every pair (the
+#: approximations of full attention too) or none. Sampled-graph mechanisms report their density.
+FIXED_DENSITY: dict[str, float] = {
+    "softmax": 1.0, "linear": 1.0, "performer": 1.0, "linformer": 1.0, "nystromformer": 1.0,
+    "none": 0.0,
+}  # fmt: skip
+
+
+def attention_density(name: str, measured: float | None) -> float | None:
+    """The density to report for a run of mechanism ``name``: the measured one, else the fixed."""
+    return measured if measured is not None else FIXED_DENSITY.get(name)
+
+
 #: Mechanisms that support ``causal=True``.
 CAUSAL_ATTENTIONS = ("sbm", "softmax", "linear", "none")
 
@@ -184,9 +197,11 @@ def build_attention(
 __all__ = [
     "ATTENTIONS",
     "CAUSAL_ATTENTIONS",
+    "FIXED_DENSITY",
     "AttentionResult",
     "NoAttention",
     "SBMSelfAttention",
     "SoftmaxAttention",
+    "attention_density",
     "build_attention",
 ]

@@ -199,6 +199,8 @@ def plot_run(
 
 def plot_comparison(rows: list[dict[str, Any]], path: str | Path, title: str) -> Path:
     """Bars of test accuracy, time per step and density for several attentions."""
+    from sbm_transformer.mechanisms import attention_density
+
     plt = _pyplot()
     names = [r["attention"] for r in rows]
     fig, axes = plt.subplots(1, 3, figsize=(13, 4))
@@ -207,13 +209,14 @@ def plot_comparison(rows: list[dict[str, Any]], path: str | Path, title: str) ->
     majority = rows[0].get("majority_accuracy") if rows else None
     if majority:
         axes[0].axhline(majority, color="k", ls="--", lw=1, label="most common label")
-        axes[0].legend()
+        axes[0].legend(loc="lower right", framealpha=0.9)
     axes[1].bar(names, [r["seconds_per_step"] * 1000 for r in rows], color="tab:orange")
     axes[1].set_ylabel("ms per training step")
-    axes[2].bar(names, [(r.get("test_density") or 1.0) for r in rows], color="tab:green")
-    axes[2].set_ylabel("attention density (1 = full)")
+    densities = [attention_density(r["attention"], r.get("test_density")) for r in rows]
+    axes[2].bar(names, [d or 0.0 for d in densities], color="tab:green")
+    axes[2].set_ylabel("attention density (1 = every pair)")
     for ax in axes:
-        ax.tick_params(axis="x", rotation=30)
+        ax.set_xticks(range(len(names)), names, rotation=35, ha="right")
         ax.grid(alpha=0.3, axis="y")
     fig.suptitle(title)
     fig.tight_layout()
