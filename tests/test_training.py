@@ -263,3 +263,14 @@ def test_warm_up_leaves_the_model_and_random_state_alone() -> None:
     assert torch.equal(torch.get_rng_state(), rng)
     assert all(p.grad is None for p in model.parameters())
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_compare_stops_when_a_run_fails(tmp_path, capsys) -> None:
+    existing = tmp_path / "c" / "softmax"
+    existing.mkdir(parents=True)
+    (existing / "config.yaml").write_text("a run the user keeps\n")
+    argv = ["compare", "--task", "repeat", "--attention", "softmax,none", "--quiet"]
+    assert main([*argv, "--out", str(tmp_path / "c"), "--set", *SMALL]) == 2
+    assert "the softmax run" in capsys.readouterr().err
+    assert (existing / "config.yaml").read_text() == "a run the user keeps\n"
+    assert not (tmp_path / "c" / "none").exists()
