@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The runs behind docs/results.md. Each comparison trains every attention on the same data and
 # seed and writes <out>/comparison.md, comparison.csv, comparison.png and one run per attention.
-# Expect about 10 minutes for (a) and 40 minutes for (b) on 2 CPU cores (LISTOPS_STEPS=1200);
+# Expect about 10 minutes for (a) and 50 minutes for (b) on 2 CPU cores (LISTOPS_STEPS=1200);
 # LISTOPS_STEPS=2500 takes about 30 minutes for SBM alone.
 set -euo pipefail
 cd "$(dirname "$0")/.."
