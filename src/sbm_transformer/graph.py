@@ -10,8 +10,6 @@ leaves them in draw order, which the kernels do not care about); :meth:`Graph.so
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor
 
@@ -25,7 +23,6 @@ def index_dtype(*sizes: int) -> torch.dtype:
     return torch.int32 if max(sizes, default=0) <= _INT32_MAX else torch.int64
 
 
-@dataclass(frozen=True)
 class TransposedGraph:
     """The edges of a :class:`Graph` grouped by key instead of by query (CSC order).
 
@@ -33,14 +30,26 @@ class TransposedGraph:
         ccol_indices: ``(B*H*M + 1,)`` pointers: the edges of key column ``c = (b*H + h)*M + j``
             are positions ``ccol_indices[c]:ccol_indices[c+1]`` of the two arrays below.
         row_indices: ``(E,)`` local query index ``i`` of each edge, ascending within a column.
-        perm: ``(E,)`` position in the by-query (CSR) order of the edge at each by-key position.
-        tpos: ``(E,)`` the inverse of ``perm``: the by-key position of each edge.
+        tpos: ``(E,)`` the by-key position of each edge (indexed by CSR position).
+        perm: ``(E,)`` the inverse of ``tpos``: the CSR position of the edge at each by-key
+            position (derived on first use; the CPU kernels need ``tpos`` only).
     """
 
-    ccol_indices: Tensor
-    row_indices: Tensor
-    perm: Tensor
-    tpos: Tensor
+    def __init__(
+        self, ccol_indices: Tensor, row_indices: Tensor, tpos: Tensor, perm: Tensor | None = None
+    ) -> None:
+        self.ccol_indices, self.row_indices, self.tpos = ccol_indices, row_indices, tpos
+        self._perm = perm
+
+    @property
+    def perm(self) -> Tensor:
+        if self._perm is None:
+            perm = torch.empty_like(self.tpos)
+            perm[self.tpos.long()] = torch.arange(
+                self.tpos.numel(), dtype=self.tpos.dtype, device=self.tpos.device
+            )
+            self._perm = perm
+        return self._perm
 
 
 class Graph:
@@ -319,7 +328,7 @@ def _transpose(graph: Graph) -> TransposedGraph:
         from sbm_transformer.ops import _numba_kernels as nk
 
         arrays = nk.transpose(graph.crow_indices.numpy(), graph.col_indices.numpy(), b * h, n, m)
-        return TransposedGraph(*(torch.from_numpy(x) for x in arrays))
+        return TransposedGraph(*(torch.from_numpy(x) for x in arrays))  # ccol, rows, tpos
     rows_global = graph.row_indices().long()
     key = (
         rows_global // max(n, 1)
@@ -331,5 +340,5 @@ def _transpose(graph: Graph) -> TransposedGraph:
     tpos = torch.empty_like(perm)
     tpos[perm] = torch.arange(perm.numel(), device=perm.device)
     return TransposedGraph(
-        ccol, (rows_global % max(n, 1))[perm].to(idt), perm.to(idt), tpos.to(idt)
+        ccol, (rows_global % max(n, 1))[perm].to(idt), tpos.to(idt), perm.to(idt)
     )

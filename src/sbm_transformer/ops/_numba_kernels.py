@@ -91,8 +91,8 @@ def _prefetch_row(typingctx, array, row):  # pragma: no cover - code generation
 def transpose(crow, col, num_pairs, n, m):  # pragma: no cover
     """Counting sort of the edges by stacked key column; rows stay ascending within a column.
 
-    Returns ``ccol`` (P*M + 1,), ``rows`` (E,) local query per by-key position, ``perm``
-    (E,) the edge (CSR position) at each by-key position and ``tpos`` (E,) its inverse.
+    Returns ``ccol`` (P*M + 1,), ``rows`` (E,) local query per by-key position and ``tpos``
+    (E,) the by-key position of each edge.
     """
     num_edges = col.shape[0]
     counts = np.zeros(num_pairs * m + 1, np.int64)
@@ -100,7 +100,6 @@ def transpose(crow, col, num_pairs, n, m):  # pragma: no cover
         for e in range(crow[p * n], crow[(p + 1) * n]):
             counts[p * m + col[e] + 1] += 1
     ccol = np.cumsum(counts).astype(crow.dtype)
-    perm = np.empty(num_edges, crow.dtype)
     tpos = np.empty(num_edges, crow.dtype)
     rows = np.empty(num_edges, crow.dtype)
     for p in prange(num_pairs):
@@ -111,10 +110,9 @@ def transpose(crow, col, num_pairs, n, m):  # pragma: no cover
                 c = col[e]
                 t = cursor[c]
                 cursor[c] = t + 1
-                perm[t] = e
                 tpos[e] = t
                 rows[t] = i
-    return ccol, rows, perm, tpos
+    return ccol, rows, tpos
 
 
 # Every kernel below walks the edges of a row tile by tile: ``ptr`` (T + 1, R) holds, for each
@@ -131,6 +129,46 @@ def _edge(order, pos):  # pragma: no cover
     return order[pos] if order.shape[0] > 0 else pos
 
 
+# The edge loops below take edges four at a time: four independent gathers in flight and one
+# read-modify-write of the row's accumulator per four edges (measured 1.3-1.8x faster than one
+# edge at a time, for rows of 32 and 128 values); the rest one at a time.
+_UNROLL = 4
+
+
+@njit(inline="always")
+def _dot4(a, ra, b, j0, j1, j2, j3, zero):  # pragma: no cover
+    """``<a[ra], b[j]>`` for four rows j of b."""
+    s0 = s1 = s2 = s3 = zero
+    for d in range(a.shape[1]):
+        x = a[ra, d]
+        s0 += x * b[j0, d]
+        s1 += x * b[j1, d]
+        s2 += x * b[j2, d]
+        s3 += x * b[j3, d]
+    return s0, s1, s2, s3
+
+
+@njit(inline="always")
+def _dot(a, ra, b, j, zero):  # pragma: no cover
+    s = zero
+    for d in range(a.shape[1]):
+        s += a[ra, d] * b[j, d]
+    return s
+
+
+@njit(inline="always")
+def _axpy4(out, r, x, w0, w1, w2, w3, j0, j1, j2, j3):  # pragma: no cover
+    """``out[r] += sum of w x[j]`` over four rows j of x."""
+    for d in range(out.shape[1]):
+        out[r, d] += (w0 * x[j0, d] + w1 * x[j1, d]) + (w2 * x[j2, d] + w3 * x[j3, d])
+
+
+@njit(inline="always")
+def _axpy(out, r, x, w, j):  # pragma: no cover
+    for d in range(out.shape[1]):
+        out[r, d] += w * x[j, d]
+
+
 @njit(parallel=True, cache=True, fastmath=_FASTMATH)
 def forward(
     crow, ptr, order, col, q, k, v, drop, scale, n, m, out, pi, row_max
@@ -141,7 +179,7 @@ def forward(
     ``drop`` is empty without dropout. Rows without edges output zeros. Three passes: scores
     (tile by tile), the softmax of each row, the weighted sum of values (tile by tile).
     """
-    num_rows, dim = q.shape
+    num_rows = q.shape[0]
     dim_v = v.shape[1]
     num_tiles = ptr.shape[0] - 1
     has_drop = drop.shape[0] > 0
@@ -158,13 +196,21 @@ def forward(
             for r in prange(first, last):
                 base = (r // n) * m
                 mx = row_max[r]
-                for pos in range(ptr[t, r], ptr[t + 1, r]):
-                    e = _edge(order, pos)
-                    kr = base + col[e]
-                    s = zero
-                    for d in range(dim):
-                        s += q[r, d] * k[kr, d]
-                    s *= sc
+                pos, en = ptr[t, r], ptr[t + 1, r]
+                while pos + _UNROLL <= en:
+                    e0, e1 = _edge(order, pos), _edge(order, pos + 1)
+                    e2, e3 = _edge(order, pos + 2), _edge(order, pos + 3)
+                    s0, s1, s2, s3 = _dot4(
+                        q, r, k, base + col[e0], base + col[e1], base + col[e2], base + col[e3],
+                        zero,
+                    )  # fmt: skip
+                    s0, s1, s2, s3 = s0 * sc, s1 * sc, s2 * sc, s3 * sc
+                    pi[e0], pi[e1], pi[e2], pi[e3] = s0, s1, s2, s3
+                    mx = max(mx, max(max(s0, s1), max(s2, s3)))
+                    pos += _UNROLL
+                for p in range(pos, en):
+                    e = _edge(order, p)
+                    s = _dot(q, r, k, base + col[e], zero) * sc
                     pi[e] = s
                     mx = max(mx, s)
                 row_max[r] = mx
@@ -184,14 +230,22 @@ def forward(
         for t in range(num_tiles):
             for r in prange(first, last):
                 base = (r // n) * m
-                for pos in range(ptr[t, r], ptr[t + 1, r]):
-                    e = _edge(order, pos)
-                    p = pi[e]
+                pos, en = ptr[t, r], ptr[t + 1, r]
+                while pos + _UNROLL <= en:
+                    e0, e1 = _edge(order, pos), _edge(order, pos + 1)
+                    e2, e3 = _edge(order, pos + 2), _edge(order, pos + 3)
+                    w0, w1, w2, w3 = pi[e0], pi[e1], pi[e2], pi[e3]
                     if has_drop:
-                        p *= drop[e]
-                    kr = base + col[e]
-                    for d in range(dim_v):
-                        out[r, d] += p * v[kr, d]
+                        w0, w1, w2, w3 = w0 * drop[e0], w1 * drop[e1], w2 * drop[e2], w3 * drop[e3]
+                    _axpy4(
+                        out, r, v, w0, w1, w2, w3,
+                        base + col[e0], base + col[e1], base + col[e2], base + col[e3],
+                    )  # fmt: skip
+                    pos += _UNROLL
+                for p in range(pos, en):
+                    e = _edge(order, p)
+                    w = pi[e] * drop[e] if has_drop else pi[e]
+                    _axpy(out, r, v, w, base + col[e])
 
 
 @njit(parallel=True, cache=True, fastmath=_FASTMATH)
@@ -233,31 +287,55 @@ def backward_rows(
                 base = (r // n) * m
                 shift = g_pair[r // n]
                 rs_r = rs[r]
-                for pos in range(st, en):
-                    e = _edge(order, pos)
-                    kr = base + col[e]
-                    gp = zero
-                    for d in range(dim_v):
-                        gp += g[r, d] * v[kr, d]
-                    wv = pi[e]
-                    if has_drop:
-                        gp *= drop[e]
-                        wv *= drop[e]
-                    ts = pi[e] * (gp - rs_r)
-                    ste = ts + shift
-                    ste = hi if ste > hi else (lo if ste < lo else ste)
-                    w[e, 0] = ts * sc
-                    w[e, 1] = ste
-                    tp = tpos[e]
-                    w_t[tp, 0] = ts * sc
-                    w_t[tp, 1] = wv
-                    w_t[tp, 2] = ste
-                for pos in range(st, en):
-                    e = _edge(order, pos)
-                    c = w[e, 0]
-                    kr = base + col[e]
-                    for d in range(dim):
-                        gq[r, d] += c * k[kr, d]
+                pos = st
+                while pos + _UNROLL <= en:
+                    e0, e1 = _edge(order, pos), _edge(order, pos + 1)
+                    e2, e3 = _edge(order, pos + 2), _edge(order, pos + 3)
+                    gp0, gp1, gp2, gp3 = _dot4(
+                        g, r, v, base + col[e0], base + col[e1], base + col[e2], base + col[e3],
+                        zero,
+                    )  # fmt: skip
+                    _edge_grad(e0, gp0, pi, drop, has_drop, rs_r, shift, sc, lo, hi, tpos, w, w_t)
+                    _edge_grad(e1, gp1, pi, drop, has_drop, rs_r, shift, sc, lo, hi, tpos, w, w_t)
+                    _edge_grad(e2, gp2, pi, drop, has_drop, rs_r, shift, sc, lo, hi, tpos, w, w_t)
+                    _edge_grad(e3, gp3, pi, drop, has_drop, rs_r, shift, sc, lo, hi, tpos, w, w_t)
+                    pos += _UNROLL
+                for p in range(pos, en):
+                    e = _edge(order, p)
+                    gp = _dot(g, r, v, base + col[e], zero)
+                    _edge_grad(e, gp, pi, drop, has_drop, rs_r, shift, sc, lo, hi, tpos, w, w_t)
+                pos = st
+                while pos + _UNROLL <= en:
+                    e0, e1 = _edge(order, pos), _edge(order, pos + 1)
+                    e2, e3 = _edge(order, pos + 2), _edge(order, pos + 3)
+                    _axpy4(
+                        gq, r, k, w[e0, 0], w[e1, 0], w[e2, 0], w[e3, 0],
+                        base + col[e0], base + col[e1], base + col[e2], base + col[e3],
+                    )  # fmt: skip
+                    pos += _UNROLL
+                for p in range(pos, en):
+                    e = _edge(order, p)
+                    _axpy(gq, r, k, w[e, 0], base + col[e])
+
+
+@njit(inline="always")
+def _edge_grad(
+    e, gp, pi, drop, has_drop, rs_r, shift, sc, lo, hi, tpos, w, w_t
+):  # pragma: no cover
+    """Edge e's gradients from ``gp = <g_r, v_j>`` (see :func:`backward_rows`)."""
+    wv = pi[e]
+    if has_drop:
+        gp *= drop[e]
+        wv *= drop[e]
+    ts = pi[e] * (gp - rs_r)
+    ste = ts + shift
+    ste = hi if ste > hi else (lo if ste < lo else ste)
+    w[e, 0] = ts * sc
+    w[e, 1] = ste
+    tp = tpos[e]
+    w_t[tp, 0] = ts * sc
+    w_t[tp, 1] = wv
+    w_t[tp, 2] = ste
 
 
 @njit(parallel=True, cache=True, fastmath=_FASTMATH)
@@ -280,16 +358,22 @@ def backward_cols(cptr, trow, q, g, w_t, n, m, gk, gv):  # pragma: no cover
             for c in prange(first, last):
                 st, en = cptr[tile, c], cptr[tile + 1, c]
                 rbase = (c // m) * n
-                for t in range(st, en):
-                    wk = w_t[t, 0]
-                    r = rbase + trow[t]
-                    for d in range(dim):
-                        gk[c, d] += wk * q[r, d]
-                for t in range(st, en):
-                    wv = w_t[t, 1]
-                    r = rbase + trow[t]
-                    for d in range(dim_v):
-                        gv[c, d] += wv * g[r, d]
+                _axpy_rows(gk, c, q, w_t, 0, trow, rbase, st, en)
+                _axpy_rows(gv, c, g, w_t, 1, trow, rbase, st, en)
+
+
+@njit(inline="always")
+def _axpy_rows(out, c, x, w_t, which, trow, rbase, st, en):  # pragma: no cover
+    """``out[c] += w_t[t, which] x[rbase + trow[t]]`` for t in [st, en)."""
+    t = st
+    while t + _UNROLL <= en:
+        _axpy4(
+            out, c, x, w_t[t, which], w_t[t + 1, which], w_t[t + 2, which], w_t[t + 3, which],
+            rbase + trow[t], rbase + trow[t + 1], rbase + trow[t + 2], rbase + trow[t + 3],
+        )  # fmt: skip
+        t += _UNROLL
+    for u in range(t, en):
+        _axpy(out, c, x, w_t[u, which], rbase + trow[u])
 
 
 @njit(parallel=True, cache=True, fastmath=_FASTMATH)
@@ -314,15 +398,23 @@ def spmm(ptr, order, idx, vals, which, x, n_self, n_other, out):  # pragma: no c
             for r in prange(first, last):
                 base = (r // n_self) * n_other
                 st, en = ptr[t, r], ptr[t + 1, r]
-                for pos in range(st, en):
-                    if pos + _PREFETCH_DISTANCE < en:
-                        ahead = _edge(order, pos + _PREFETCH_DISTANCE)
-                        _prefetch_row(x, base + idx[ahead])  # type: ignore[call-arg]
-                    e = _edge(order, pos)
-                    wgt = vals[e, which]
-                    xr = base + idx[e]
-                    for d in range(f):
-                        out[r, d] += wgt * x[xr, d]
+                pos = st
+                while pos + _UNROLL <= en:
+                    for a in range(_UNROLL):
+                        if pos + a + _PREFETCH_DISTANCE < en:
+                            ahead = _edge(order, pos + a + _PREFETCH_DISTANCE)
+                            _prefetch_row(x, base + idx[ahead])  # type: ignore[call-arg]
+                    e0, e1 = _edge(order, pos), _edge(order, pos + 1)
+                    e2, e3 = _edge(order, pos + 2), _edge(order, pos + 3)
+                    _axpy4(
+                        out, r, x, vals[e0, which], vals[e1, which], vals[e2, which],
+                        vals[e3, which], base + idx[e0], base + idx[e1], base + idx[e2],
+                        base + idx[e3],
+                    )  # fmt: skip
+                    pos += _UNROLL
+                for p in range(pos, en):
+                    e = _edge(order, p)
+                    _axpy(out, r, x, vals[e, which], base + idx[e])
 
 
 @njit(parallel=True, cache=True)
