@@ -178,8 +178,10 @@ class SBMAttention(nn.Module):
     def memberships(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
         """Memberships ``Y`` (B, H, N, K) of queries ``q`` (B, H, N, D) and ``Z`` of keys ``k``."""
         centers = self.clusters.transpose(-1, -2)  # (H, D, K)
-        Y = torch.sigmoid(self.node_mlp(q) @ centers)
-        Z = torch.sigmoid(self.node_mlp(k) @ centers)
+        # In place: the product is not needed for backward, and (B, H, N, K) is the largest
+        # tensor of the layer (K > D): one copy fewer of it in memory.
+        Y = torch.sigmoid_(self.node_mlp(q) @ centers)
+        Z = torch.sigmoid_(self.node_mlp(k) @ centers)
         return Y, Z
 
     def _split_heads(self, x: Tensor) -> Tensor:
