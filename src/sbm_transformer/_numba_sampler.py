@@ -167,21 +167,39 @@ def _alias_draw(state, prob, alias, size):  # pragma: no cover
 _REJECTION_MAX_RATIO = 4.0
 
 
+#: Keys per block of :func:`_by_cluster`.
+_TRANSPOSE_BLOCK = 64
+
+
 @njit(parallel=True, cache=True)
-def _key_tables(z, prob, alias, totals, maxima, use_alias):  # pragma: no cover
+def _by_cluster(z, zt):  # pragma: no cover
+    """``zt[p, b, j] = z[p, j, b]``, in blocks of keys (one cache-friendly pass)."""
+    num_pairs, m, k = z.shape
+    blocks = (m + _TRANSPOSE_BLOCK - 1) // _TRANSPOSE_BLOCK
+    for pb in prange(num_pairs * blocks):
+        p, first = pb // blocks, (pb % blocks) * _TRANSPOSE_BLOCK
+        last = min(m, first + _TRANSPOSE_BLOCK)
+        for b in range(k):
+            for j in range(first, last):
+                zt[p, b, j] = z[p, j, b]
+
+
+@njit(parallel=True, cache=True)
+def _key_tables(zt, prob, alias, totals, maxima, use_alias):  # pragma: no cover
     """Per (pair, cluster): key-weight totals and maxima, and alias tables where needed.
 
-    ``use_alias[p, b]`` tells whether cluster b of pair p got an alias table in
-    ``prob``/``alias`` (P, K, M); other clusters sample by rejection and never touch their rows
-    of the tables.
+    ``zt`` (P, K, M) holds each cluster's key weights contiguously. ``use_alias[p, b]`` tells
+    whether cluster b of pair p got an alias table in ``prob``/``alias`` (P, K, M); other
+    clusters sample by rejection and never touch their rows of the tables.
     """
-    num_pairs, m, k = z.shape
+    num_pairs, k, m = zt.shape
     for tb in prange(num_pairs * k):
         p, b = tb // k, tb % k
+        weights = zt[p, b]
         total = 0.0
         top = 0.0
         for j in range(m):
-            x = z[p, j, b]
+            x = weights[j]
             total += x
             top = max(top, x)
         totals[p, b] = total
@@ -191,7 +209,7 @@ def _key_tables(z, prob, alias, totals, maxima, use_alias):  # pragma: no cover
             scaled = np.empty(m, np.float64)
             small = np.empty(m, np.int32)
             large = np.empty(m, np.int32)
-            _build_alias(z[p, :, b], prob[p, b], alias[p, b], scaled, small, large)
+            _build_alias(weights, prob[p, b], alias[p, b], scaled, small, large)
 
 
 @njit(parallel=True, cache=True)
@@ -217,18 +235,18 @@ def _count(seed, u, totals, visible, eps, heads, cnt, deg):  # pragma: no cover
 
 @njit(parallel=True, cache=True)
 def _fill(
-    seed, z, maxima, use_alias, prob, alias, valid, visible, heads, cnt, deg, offsets, buf
+    seed, zt, maxima, use_alias, prob, alias, valid, visible, heads, cnt, deg, offsets, buf
 ):  # pragma: no cover
     """Draw every edge's key into its row's slot for its component (not causal)."""
     num_pairs, kk, n = cnt.shape
     k = kk - 1
-    m = z.shape[1]
+    m = zt.shape[2]
     for tb in prange(num_pairs * kk):
         p, b = tb // kk, tb % kk
         bb = p // heads
         state = _stream(seed, 2, tb)
         bk = min(b, k - 1)
-        weights, top, tabled = z[p, :, bk], maxima[p, bk], use_alias[p, bk]
+        weights, top, tabled = zt[p, bk], maxima[p, bk], use_alias[p, bk]
         prob_b, alias_b = prob[p, bk], alias[p, bk]
         for i in range(n):
             r = p * n + i
@@ -254,14 +272,14 @@ def _fill(
 
 
 @njit(parallel=True, cache=True)
-def _prefix_sums(z, zcum):  # pragma: no cover
-    """``zcum[p, b, j] = sum of z[p, :j+1, b]`` in float64."""
-    num_pairs, m, k = z.shape
+def _prefix_sums(zt, zcum):  # pragma: no cover
+    """``zcum[p, b, j] = sum of zt[p, b, :j+1]`` in float64."""
+    num_pairs, k, m = zt.shape
     for tb in prange(num_pairs * k):
         p, b = tb // k, tb % k
         acc = 0.0
         for j in range(m):
-            acc += z[p, j, b]
+            acc += zt[p, b, j]
             zcum[p, b, j] = acc
 
 
@@ -410,13 +428,15 @@ def sample_csr(
     """
     num_pairs, n, k = u.shape
     m = z.shape[1]
+    zt = scratch("sampler_by_cluster", (num_pairs, k, m), z.dtype)  # each cluster contiguous
+    _by_cluster(z, zt)
     cnt = scratch("sampler_counts", (num_pairs, k + 1, n), np.int32)
     deg = scratch("sampler_degrees", (num_pairs * n,), np.int64)
     offsets = scratch("sampler_offsets", (num_pairs * n + 1,), np.int64)
     offsets[0] = 0
     if causal:
         zcum = scratch("sampler_prefix", (num_pairs, k, m), np.float64)
-        _prefix_sums(z, zcum)
+        _prefix_sums(zt, zcum)
         _count_causal(seed, u, zcum, visible, eps, heads, cnt, deg)
     else:
         prob = scratch("sampler_prob", (num_pairs, k, m), np.float64)
@@ -424,7 +444,7 @@ def sample_csr(
         totals = np.empty((num_pairs, k), np.float64)
         maxima = np.empty((num_pairs, k), np.float64)
         use_alias = np.empty((num_pairs, k), np.bool_)
-        _key_tables(z, prob, alias, totals, maxima, use_alias)
+        _key_tables(zt, prob, alias, totals, maxima, use_alias)
         _count(seed, u, totals, visible, eps, heads, cnt, deg)
     np.cumsum(deg, out=offsets[1:])
     fits32 = max(int(offsets[-1]), num_pairs * max(n, m) + 1) <= np.iinfo(np.int32).max
@@ -434,7 +454,7 @@ def sample_csr(
         _fill_causal(seed, zcum, valid, visible, heads, cnt, deg, offsets, buf)
     else:
         _fill(
-            seed, z, maxima, use_alias, prob, alias, valid, visible, heads, cnt, deg, offsets, buf
+            seed, zt, maxima, use_alias, prob, alias, valid, visible, heads, cnt, deg, offsets, buf
         )
     kept = scratch("sampler_kept", (num_pairs * n,), np.int64)
     _dedup(offsets, buf, m, kept)
