@@ -290,9 +290,10 @@ def test_unrolled_edge_loops_match(monkeypatch: pytest.MonkeyPatch, tiled: bool,
 
 
 @pytest.mark.skipif("sparse-numba" not in SPARSE_BACKENDS, reason="numba not installed")
-def test_sampler_tile_pointers_match_a_fresh_pass() -> None:
-    """Tile pointers the sampler leaves (4096-key tiles), and coarser ones derived from them,
-    equal pointers computed from the graph itself; keys really are grouped by tile."""
+def test_sampled_keys_are_grouped_by_tile() -> None:
+    """The numba sampler leaves each row's keys grouped by 4096-key tile, so the kernels take
+    the rows as they are for that tile size or coarser ones: their tile pointers then match a
+    regrouping pass, and each tile's range holds exactly that tile's keys."""
     from sbm_transformer._numba_sampler import TILE_SHIFT
     from sbm_transformer.ops import _numba_kernels as nk
     from sbm_transformer.ops import kernels
@@ -303,14 +304,16 @@ def test_sampler_tile_pointers_match_a_fresh_pass() -> None:
     Z = torch.rand(1, 2, m, k, generator=gen)
     B = torch.full((1, 2, k, k), 200.0)
     graph = sample_graph(Y, Z, B, exploration=0.5, generator=torch.Generator().manual_seed(1))
-    assert ("tile_ptr", TILE_SHIFT) in graph._cache
+    assert graph.tile_shift == TILE_SHIFT
     crow, col = graph.crow_indices.numpy(), graph.col_indices.numpy()
+    rows = np.repeat(np.arange(crow.shape[0] - 1), np.diff(crow))
+    assert np.all(np.diff(col >> TILE_SHIFT)[np.diff(rows) == 0] >= 0)  # ascending tiles
     for tiles, shift in [(4, TILE_SHIFT), (2, TILE_SHIFT + 1), (1, 62)]:
         ptr, order = kernels._row_tiles(graph, tiles)
         assert order.size == 0
         num = ptr.shape[0] - 1
-        np.testing.assert_array_equal(ptr, nk.tile_pointers(crow, col, shift, num))
-        rows = np.repeat(np.arange(crow.shape[0] - 1), np.diff(crow))
+        regrouped, _ = nk.group_by_tile(crow, col, shift, num)
+        np.testing.assert_array_equal(ptr, regrouped)
         for t in range(num):  # each tile's range holds exactly that tile's keys
             in_tile = (np.arange(col.shape[0]) >= ptr[t][rows]) & (
                 np.arange(col.shape[0]) < ptr[t + 1][rows]

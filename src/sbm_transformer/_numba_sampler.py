@@ -368,18 +368,15 @@ TILE_SHIFT = 12
 
 
 @njit(parallel=True, cache=True)
-def _compact(offsets, buf, crow, col, m, ptr):  # pragma: no cover
+def _compact(offsets, buf, crow, col, tiles):  # pragma: no cover
     """Copy each row's kept keys into the final array, grouped by tile (a stable counting sort
-    by ``j >> TILE_SHIFT``); ``ptr`` (tiles + 1, R) receives each tile's range in each row."""
+    by ``j >> TILE_SHIFT`` over ``tiles`` tiles)."""
     num_rows = crow.shape[0] - 1
-    tiles = ptr.shape[0] - 1
     chunk = 256
     for c in prange((num_rows + chunk - 1) // chunk):
         counts = np.zeros(tiles + 1, np.int64)
         for r in range(c * chunk, min(num_rows, (c + 1) * chunk)):
             src, dst, size = offsets[r], crow[r], crow[r + 1] - crow[r]
-            ptr[0, r] = dst
-            ptr[tiles, r] = dst + size
             if tiles == 1:
                 for t in range(size):
                     col[dst + t] = buf[src + t]
@@ -390,7 +387,6 @@ def _compact(offsets, buf, crow, col, m, ptr):  # pragma: no cover
                 counts[(buf[src + t] >> TILE_SHIFT) + 1] += 1
             for t in range(tiles):
                 counts[t + 1] += counts[t]
-                ptr[t + 1, r] = dst + counts[t + 1]
             for t in range(size):
                 j = buf[src + t]
                 tile = j >> TILE_SHIFT
@@ -407,7 +403,7 @@ def sample_csr(
     eps: float,
     causal: bool,
     heads: int,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray]:
     """Sample all (batch, head) graphs at once.
 
     Args:
@@ -422,9 +418,8 @@ def sample_csr(
 
     Returns:
         ``crow`` (P*N + 1,) and ``col`` (E,) of the deduplicated CSR graph, each row's keys
-        grouped by tile of ``2^TILE_SHIFT`` keys (in draw order within a tile), and ``ptr``
-        (tiles + 1, P*N): each tile's range in each row; int32 when the edge count and the
-        stacked sizes allow, else int64.
+        grouped by tile of ``2^TILE_SHIFT`` keys (in draw order within a tile); int32 when the
+        edge count and the stacked sizes allow, else int64.
     """
     num_pairs, n, k = u.shape
     m = z.shape[1]
@@ -461,7 +456,5 @@ def sample_csr(
     crow = np.zeros(num_pairs * n + 1, index_dtype)
     np.cumsum(kept, out=crow[1:])
     col = np.empty(int(crow[-1]), index_dtype)
-    tiles = -(-m >> TILE_SHIFT)
-    ptr = np.empty((tiles + 1, num_pairs * n), index_dtype)
-    _compact(offsets, buf, crow, col, m, ptr)
-    return crow, col, ptr
+    _compact(offsets, buf, crow, col, -(-m >> TILE_SHIFT))
+    return crow, col

@@ -20,16 +20,12 @@ Sparsity and Cost", NeurIPS 2022, arXiv:2210.15541.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from sbm_transformer._numba import sync_threads, use_numba
 from sbm_transformer.graph import Graph, index_dtype
-
-if TYPE_CHECKING:
-    import numpy as np
 
 __all__ = [
     "block_matrix",
@@ -283,10 +279,8 @@ def sample_graph(
     if use_numba(Y):
         from sbm_transformer._numba_sampler import TILE_SHIFT
 
-        crow, col, ptr = _sample_numba(Yw, Zw, Bw, exploration, causal, visible, valid, generator)
-        graph = Graph(crow, col, (bsz, heads, n, m), tile_shift=TILE_SHIFT)
-        graph._cache[("tile_ptr", TILE_SHIFT)] = ptr  # reused by the numba kernels
-        return graph
+        crow, col = _sample_numba(Yw, Zw, Bw, exploration, causal, visible, valid, generator)
+        return Graph(crow, col, (bsz, heads, n, m), tile_shift=TILE_SHIFT)
     crow, col = _sample_torch(Yw, Zw, Bw, exploration, causal, visible, valid, generator)
     return Graph(crow, col, (bsz, heads, n, m), tile_shift=0)  # torch.unique sorts
 
@@ -305,7 +299,7 @@ def _sample_numba(
     visible: Tensor,
     valid: Tensor,
     generator: torch.Generator | None,
-) -> tuple[Tensor, Tensor, np.ndarray]:
+) -> tuple[Tensor, Tensor]:
     from sbm_transformer import _numba_sampler
 
     bsz, heads, n, k = Y.shape
@@ -315,7 +309,7 @@ def _sample_numba(
     u = torch.bmm(Y.reshape(p, n, k), Bx.reshape(p, k, k))  # (P, N, K): u_ib = sum_a Y_ia B_ab
     z = Z.reshape(p, m, k).contiguous()
     sync_threads()
-    crow, col, ptr = _numba_sampler.sample_csr(
+    crow, col = _numba_sampler.sample_csr(
         seed,
         u.numpy(),
         z.numpy(),
@@ -325,7 +319,7 @@ def _sample_numba(
         bool(causal),
         heads,
     )
-    return torch.from_numpy(crow), torch.from_numpy(col), ptr
+    return torch.from_numpy(crow), torch.from_numpy(col)
 
 
 def _categorical(weights: Tensor, rows: Tensor, generator: torch.Generator | None) -> Tensor:
