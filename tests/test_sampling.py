@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from conftest import padding_mask, sbm_inputs
@@ -216,6 +217,39 @@ def test_peaked_key_memberships_use_alias_tables(sampler_impl: str) -> None:
     Z[..., 2, 0] = Z[..., 7, 1] = Z[..., 11, 2] = 0.9
     prob = edge_probability(Y, Z, B, exploration=0.02)[0]
     freq = empirical_frequency(Y, Z, B, copies=2000, rounds=10, seed=8, exploration=0.02)
+    assert_matches_probability(freq, prob, 20000)
+
+
+def test_rows_drawn_edge_by_edge_and_cluster_by_cluster_agree(sampler_impl: str) -> None:
+    """The numba sampler draws a quiet row edge by edge (query cluster by rejection, then key
+    cluster) and a busy one with a Poisson count per cluster; both realise edge_probability.
+    Rows: quiet (uneven memberships), peaked memberships (rejection would stall: busy), many
+    expected edges (busy), no memberships at all (exploration only)."""
+    k, n, m = 6, 4, 9
+    Y = torch.empty(1, 1, n, k, dtype=torch.float64)
+    Y[0, 0, 0] = torch.tensor([0.05, 0.1, 0.15, 0.2, 0.1, 0.02])  # quiet, accepted ~1/2
+    Y[0, 0, 1] = 1e-3
+    Y[0, 0, 1, 2] = 0.9
+    Y[0, 0, 2] = 0.9
+    Y[0, 0, 3] = 0.0
+    # key j belongs mostly to cluster j % K, and B links cluster a mostly to cluster a: which
+    # query cluster an edge takes shows in which keys it reaches
+    Z = torch.full((1, 1, m, k), 0.05, dtype=torch.float64)
+    Z[0, 0, torch.arange(m), torch.arange(m) % k] = 0.9
+    B = (0.01 + 0.8 * torch.eye(k, dtype=torch.float64))[None]
+    kw = dict(exploration=0.05)
+    if sampler_impl == "numba":  # the rows really take both paths
+        from sbm_transformer import _numba_sampler as ns
+
+        totals = Z[0, 0].sum(0).numpy()[None]
+        beta = (B[0] @ torch.from_numpy(totals[0])).numpy()[None]
+        rate, top = np.empty(n), np.empty(n)
+        busy = np.empty(n, np.bool_)
+        visible = np.full((1, n), m, np.int64)
+        ns._row_rates(Y[0].numpy(), beta, visible, 0.05, 1, rate, top, busy)
+        assert busy.tolist() == [False, True, True, False]
+    prob = edge_probability(Y, Z, B, **kw)[0]
+    freq = empirical_frequency(Y, Z, B, copies=2000, rounds=10, seed=5, **kw)
     assert_matches_probability(freq, prob, 20000)
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -306,12 +307,19 @@ def _sample_numba(
     m = Z.shape[2]
     p = bsz * heads
     seed = _seed_from(generator, Y.device)
-    u = torch.bmm(Y.reshape(p, n, k), Bx.reshape(p, k, k))  # (P, N, K): u_ib = sum_a Y_ia B_ab
+    y = Y.reshape(p, n, k).contiguous()
+    bmat = Bx.reshape(p, k, k).contiguous()
     z = Z.reshape(p, m, k).contiguous()
+
+    def query_rates() -> np.ndarray:  # (P, N, K): u_ib = sum_a Y_ia B_ab, when needed
+        return torch.bmm(y, bmat).numpy()
+
     sync_threads()
     crow, col = _numba_sampler.sample_csr(
         seed,
-        u.numpy(),
+        y.numpy(),
+        bmat.numpy(),
+        query_rates,
         z.numpy(),
         valid.numpy(),
         visible.numpy(),
