@@ -277,7 +277,6 @@ def _count(
     y,
     u,
     totals,
-    beta,
     prob_a,
     alias_a,
     prob_b,
@@ -586,7 +585,7 @@ def sample_csr(
         _row_rates(y, beta, visible, eps, heads, sbm_rate, top, busy)
         u = query_rates() if busy.any() else y[:1, :1, :1]
         _count(
-            seed, y, u, totals, beta, prob_a, alias_a, prob_b, alias_b, sbm_rate, top, busy,
+            seed, y, u, totals, prob_a, alias_a, prob_b, alias_b, sbm_rate, top, busy,
             visible, eps, heads, cnt, deg,
         )  # fmt: skip
     np.cumsum(deg, out=offsets[1:])
