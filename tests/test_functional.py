@@ -320,3 +320,25 @@ def test_sampled_keys_are_grouped_by_tile() -> None:
             )
             assert np.all((col[in_tile] >> shift) == t)
         assert ptr[num].tolist() == crow[1:].tolist()
+
+
+@pytest.mark.skipif("sparse-numba" not in SPARSE_BACKENDS, reason="numba not installed")
+def test_coarse_tile_pointers_derive_from_fine_ones() -> None:
+    """Tile pointers are computed once at 4096-row tiles and coarser ones are taken from them:
+    for the transposed graph (keys' rows by query tile) they match a direct pass."""
+    from sbm_transformer.ops import _numba_kernels as nk
+    from sbm_transformer.ops import kernels
+
+    fine = kernels._FINE_SHIFT
+    n, m = 5 * (1 << fine) + 3, 7  # six fine query tiles, the last one nearly empty
+    gen = torch.Generator().manual_seed(0)
+    graph = Graph.from_dense(torch.rand(1, 2, n, m, generator=gen) < 0.3)
+    t = graph.transpose()
+    ccol, trow = t.ccol_indices.numpy(), t.row_indices.numpy()
+    for tiles in (8, 4, 2):
+        shift, num = kernels._tile_shift(n, tiles)
+        assert shift >= fine
+        np.testing.assert_array_equal(
+            kernels._col_tiles(graph, tiles), nk.tile_pointers(ccol, trow, shift, num)
+        )
+    assert ("col_tiles", "fine") in graph._cache
