@@ -19,15 +19,16 @@ from an alias table over beta) and key cluster b (weights ``B[a, b] mass[b]``, a
 a); see :func:`_count`. Busier rows, and causal sampling, use the per-cluster counts above.
 
 Keys are drawn by rejection from the uniform distribution when a cluster's key weights are flat
-(the heaviest at most 4x the mean: at most 4 tries per draw on average, nothing to build), otherwise
-with Walker's alias method (Vose's construction): O(M) to build, O(1) per draw. Draws reuse their
-uniforms: ``x * size`` picks a slot and its fraction tests it; what is left of the fraction,
-rescaled, is again uniform and independent of the outcome (:func:`_count` and :func:`_fill`
-measured 0.82x and 0.88x the time with a fresh uniform per test, N = 1k, 5 % density). Loops over draws run
-cluster-major so that one cluster's table stays in cache. Causal rows instead use the mass of
-their prefix ``j <= i`` of each cluster for their counts and draw keys by binary search in the
-prefix's cumulative weights, with a random stream per (row, component): a row's edges then depend
-on the tokens up to it only, never on later ones (strict causality for a fixed seed).
+(the heaviest at most 4x the mean: at most 4 tries per draw on average, nothing to build),
+otherwise with Walker's alias method (Vose's construction): O(M) to build, O(1) per draw. Draws
+reuse their uniforms: ``x * size`` picks a slot and its fraction tests it; what is left of the
+fraction, rescaled, is again uniform and independent of the outcome (:func:`_count` and
+:func:`_fill` measured 0.82x and 0.88x the time with a fresh uniform per test, N = 1k, 5 %
+density). Loops over draws run cluster-major so that one cluster's table stays in cache. Causal
+rows instead use the mass of their prefix ``j <= i`` of each cluster for their counts and draw
+keys by binary search in the prefix's cumulative weights, with a random stream per (row,
+component): a row's edges then depend on the tokens up to it only, never on later ones (strict
+causality for a fixed seed).
 Randomness comes from SplitMix64 streams keyed by (seed, phase, index): the result does not depend
 on the number of threads.
 """

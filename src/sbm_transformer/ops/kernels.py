@@ -344,13 +344,11 @@ def _col_tiles(graph: Graph, tiles: int) -> np.ndarray:
     if num == 1:
         ccol = _np(t.ccol_indices)
         return np.stack([ccol[:-1], ccol[1:]])
+    ccol, trow = _np(t.ccol_indices), _np(t.row_indices)
     return _cached(
         graph,
         ("col_tiles", shift),
-        lambda: _tile_pointers(
-            "col_tiles", _np(t.ccol_indices), _np(t.row_indices), graph.num_queries, shift, num,
-            graph,
-        ),  # fmt: skip
+        lambda: _tile_pointers("col_tiles", ccol, trow, graph.num_queries, shift, num, graph),
     )
 
 
