@@ -307,9 +307,7 @@ def _tile_pointers(
     if shift < _FINE_SHIFT:
         return nk.tile_pointers(crow, col, shift, num)
     fine_num = -(-rows >> _FINE_SHIFT)
-    fine = _cached(
-        graph, (key, "fine"), lambda: nk.tile_pointers(crow, col, _FINE_SHIFT, fine_num)
-    )
+    fine = _cached(graph, (key, "fine"), lambda: nk.tile_pointers(crow, col, _FINE_SHIFT, fine_num))
     step = shift - _FINE_SHIFT
     return fine[np.minimum(np.arange(num + 1) << step, fine_num)]
 
