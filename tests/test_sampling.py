@@ -253,34 +253,6 @@ def test_rows_drawn_edge_by_edge_and_cluster_by_cluster_agree(sampler_impl: str)
     assert_matches_probability(freq, prob, 20000)
 
 
-def test_alias_pick_leaves_a_uniform_independent_of_the_item() -> None:
-    """The numba sampler reuses what an alias pick leaves of its uniform for the next test: the
-    item must follow the weights and the leftover be uniform on [0, 1) within every item."""
-    pytest.importorskip("numba")
-    from sbm_transformer import _numba_sampler as ns
-
-    w = np.array([0.5, 3.0, 0.0, 1.5, 1.0])
-    size = len(w)
-    prob, alias = np.empty(size), np.empty(size, np.int32)
-    scratch = (np.empty(size), np.empty(size, np.int32), np.empty(size, np.int32))
-    ns._build_alias(w, prob, alias, *scratch)
-    draws = 200_000
-    xs = np.random.default_rng(0).random(draws)
-    picks = [ns._alias_pick.py_func(x, prob, alias, size) for x in xs]
-    items = np.array([p[0] for p in picks])
-    left = np.array([p[1] for p in picks])
-    expected = w / w.sum()
-    counts = np.bincount(items, minlength=size)
-    se = np.sqrt(draws * expected * (1 - expected))
-    assert np.all(np.abs(counts - draws * expected) <= 5 * se + 1e-9)
-    for item in np.flatnonzero(expected):
-        u = np.sort(left[items == item])
-        assert u.min() >= 0.0 and u.max() < 1.0
-        # Kolmogorov-Smirnov distance to the uniform distribution, well inside 1.95 / sqrt(n)
-        ks = np.max(np.abs(u - np.arange(1, len(u) + 1) / len(u)))
-        assert ks < 1.95 / math.sqrt(len(u)), (item, ks)
-
-
 def test_causal_rows_depend_only_on_the_past(sampler_impl: str) -> None:
     """For a fixed seed, changing later tokens' memberships leaves earlier rows' edges unchanged."""
     Y, Z, B = sbm_inputs(2, 2, 40, 40, 4, seed=11, scale=3.0)
