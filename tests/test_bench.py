@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from sbm_transformer.bench import Case, Settings, measure_memory, run
+from sbm_transformer.bench import Case, Settings, measure_memory, run, time_case
 
 
 def test_benchmark_smoke(tmp_path) -> None:
     out, plot = tmp_path / "bench.md", tmp_path / "bench.png"
     rows = run(
         ["--sizes", "256", "512", "--edges-per-query", "8", "--densities", "0.05", "--rounds", "1",
-         "--clusters", "8", "--no-memory", "--out", str(out), "--plot", str(plot)],
+         "--min-time", "0", "--clusters", "8", "--no-memory", "--out", str(out), "--plot",
+         str(plot)],
         log=lambda s: None,
     )  # fmt: skip
     assert len(rows) == 4
@@ -27,3 +28,13 @@ def test_benchmark_smoke(tmp_path) -> None:
 def test_memory_probe_measures_a_peak() -> None:
     peak = measure_memory(Case(512, density=0.1), Settings(clusters=8), "dense")
     assert peak > 512 * 512 * 2 * 4  # at least one dense (H, N, N) float32 tensor
+
+
+def test_fast_cases_get_more_rounds_up_to_the_cap() -> None:
+    """Rounds continue past the minimum until they took --min-time, never past --max-rounds."""
+    case = Case(256, density=0.05)
+    fixed = time_case(case, Settings(clusters=8, rounds=2, min_time=0.0), ["sdpa"], lambda s: None)
+    assert fixed.rounds == 2
+    capped = Settings(clusters=8, rounds=2, min_time=60.0, max_rounds=6)
+    more = time_case(case, capped, ["sdpa"], lambda s: None)
+    assert more.rounds == 6

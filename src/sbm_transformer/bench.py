@@ -70,7 +70,9 @@ class Settings:
     heads: int = 2
     head_dim: int = 32
     clusters: int = 128
-    rounds: int = 3
+    rounds: int = 3  # at least this many interleaved rounds per case...
+    min_time: float = 2.0  # ...and more, for fast cases, until the rounds took this long (s)...
+    max_rounds: int = 25  # ...but no more than this
     dense_max_n: int = 4096
     sdpa_max_n: int = 65536
     max_edges: int = 120_000_000
@@ -85,6 +87,7 @@ class Row:
     edges: int = 0
     density: float = 0.0
     times: dict[str, float] = field(default_factory=dict)  # method -> median seconds
+    rounds: int = 0
     memory: dict[str, float] = field(default_factory=dict)  # method -> peak bytes
     skipped: dict[str, str] = field(default_factory=dict)  # method -> reason
 
@@ -182,19 +185,24 @@ def time_case(case: Case, s: Settings, methods: Sequence[str], log: Callable[[st
         edges = work.method(name)()
         if name == "sparse":
             row.edges = edges
-    for _ in range(s.rounds):
+    start = time.perf_counter()
+    while row.rounds < s.rounds or (
+        row.rounds < s.max_rounds and time.perf_counter() - start < s.min_time
+    ):
         for name in active:
             _sync(s.device)
             t0 = time.perf_counter()
             work.method(name)()
             _sync(s.device)
             samples[name].append(time.perf_counter() - t0)
+        row.rounds += 1
     row.times = {name: statistics.median(v) for name, v in samples.items()}
     row.density = row.edges / (s.heads * case.n * case.n) if row.edges else 0.0
     log(
         f"N={case.n:>6} {case.label:>16}: "
         + ", ".join(f"{k} {v:.3f}s" for k, v in row.times.items())
         + (f"  (E={row.edges:,})" if row.edges else "")
+        + f"  [{row.rounds} rounds]"
     )
     return row
 
@@ -376,9 +384,10 @@ def markdown(
         f"({torch.get_num_threads()} threads), device {s.device}, {s.dtype}; numba kernels: "
         f"{'on' if numba_enabled() else 'off'}. One layer's attention core, batch 1, "
         f"{s.heads} heads, head size {s.head_dim}, K = {s.clusters} clusters, exploration 0; "
-        "fwd+bwd of `sum(out * g)` (+ 1e-4 * density for SBM). Times: medians of "
-        f"{s.rounds} interleaved rounds. Memory: growth of the peak resident set during one call, "
-        "each in a fresh process.",
+        "fwd+bwd of `sum(out * g)` (+ 1e-4 * density for SBM). Times: medians over rounds in "
+        f"which the methods run interleaved: at least {s.rounds}, more for fast cases until the "
+        f"rounds took {s.min_time:g} s, at most {s.max_rounds} (column `rounds`). Memory: growth "
+        "of the peak resident set during one call, each in a fresh process.",
         "",
         "`sparse` = SBM attention with the sparse backend, everything included (memberships, "
         "sampling, attention, backward into q, k, v and the SBM parameters); `sampling` = the "
@@ -387,8 +396,8 @@ def markdown(
         "backend (the original code's path).",
         "",
         "| N | sparsity | edges | density | sparse | sampling | sdpa | dense | sparse/sdpa "
-        "| dense/sparse | mem sparse | mem sdpa | mem dense |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| dense/sparse | mem sparse | mem sdpa | mem dense | rounds |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         tt, mm = r.times, r.memory
@@ -399,7 +408,7 @@ def markdown(
             f"{_fmt_time(tt.get('sdpa'))} | "
             f"{_fmt_time(tt.get('dense'))} | {_ratio(tt.get('sparse'), tt.get('sdpa'))} | "
             f"{_ratio(tt.get('dense'), tt.get('sparse'))} | {_fmt_mem(mm.get('sparse'))} | "
-            f"{_fmt_mem(mm.get('sdpa'))} | {_fmt_mem(mm.get('dense'))} |"
+            f"{_fmt_mem(mm.get('sdpa'))} | {_fmt_mem(mm.get('dense'))} | {r.rounds} |"
         )
     skipped = sorted({f"{m}: {why}" for r in rows for m, why in r.skipped.items()})
     if skipped:
@@ -488,7 +497,12 @@ def run(argv: Sequence[str] | None = None, log: Callable[[str], None] = print) -
     p.add_argument("--edges-per-query", type=float, nargs="*", default=[32, 128])
     p.add_argument("--densities", type=float, nargs="*", default=[0.01, 0.05])
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=3, help="at least this many rounds per case")
+    p.add_argument(
+        "--min-time", type=float, default=2.0,
+        help="fast cases: more rounds until they took this long (seconds)",
+    )  # fmt: skip
+    p.add_argument("--max-rounds", type=int, default=25, help="rounds per case at most")
     p.add_argument("--clusters", type=int, default=128)
     p.add_argument("--heads", type=int, default=2)
     p.add_argument("--head-dim", type=int, default=32)
@@ -507,8 +521,10 @@ def run(argv: Sequence[str] | None = None, log: Callable[[str], None] = print) -
     args = p.parse_args(argv)
     if args.quick:
         args.sizes, args.rounds = [n for n in args.sizes if n <= 4096][:2] or [1024], 1
+        args.min_time = 0.0
     s = Settings(
         heads=args.heads, head_dim=args.head_dim, clusters=args.clusters, rounds=args.rounds,
+        min_time=args.min_time, max_rounds=max(args.max_rounds, args.rounds),
         dense_max_n=args.dense_max_n, max_edges=args.max_edges, device=args.device,
         dtype=args.dtype,
     )  # fmt: skip
