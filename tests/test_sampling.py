@@ -236,7 +236,8 @@ def test_rows_drawn_edge_by_edge_and_cluster_by_cluster_agree(sampler_impl: str)
     # query cluster an edge takes shows in which keys it reaches
     Z = torch.full((1, 1, m, k), 0.05, dtype=torch.float64)
     Z[0, 0, torch.arange(m), torch.arange(m) % k] = 0.9
-    B = (0.01 + 0.8 * torch.eye(k, dtype=torch.float64))[None]
+    # row 2 expects ~15 draws: more than 1.5 K = 9, the most a row draws edge by edge
+    B = 2 * (0.01 + 0.8 * torch.eye(k, dtype=torch.float64))[None]
     kw = dict(exploration=0.05)
     if sampler_impl == "numba":  # the rows really take both paths
         from sbm_transformer import _numba_sampler as ns
