@@ -8,8 +8,8 @@ query rows, local column indices ``j``. Each is the fused form of a few torch op
 Forward keeps each edge's softmax weight ``pi``. Backward runs a by-query pass (``gq`` and the
 gradients of every edge, written both in row order and, side by side, at the edge's by-key
 position) and a by-key pass over the transposed graph that reads those weights sequentially
-(``gk``, ``gv``); two plain sparse products then apply the straight-through gradient ``G`` to
-the memberships. (Recomputing ``pi`` in backward from each row's log-sum-exp instead, as
+(``gk``, ``gv``); two sparse products then apply the straight-through gradient ``G`` to the
+memberships. (Recomputing ``pi`` in backward from each row's log-sum-exp instead, as
 FlashAttention does, measured 1.7x slower here: every pass then gathers more.)
 
 Numerics: per-row softmax with the row maximum subtracted; all arithmetic in the input dtype
@@ -250,7 +250,7 @@ def forward(
 
 @njit(parallel=True, cache=True, fastmath=_FASTMATH)
 def backward_rows(
-    ptr, order, col, tpos, k, v, drop, pi, out, g, g_pair, scale, n, m, gq, w, w_t, rs
+    ptr, order, col, tpos, k, v, drop, pi, out, g, scale, n, m, gq, w, w_t, rs
 ):  # pragma: no cover
     """By-query pass of backward: ``gq`` and the gradients of every edge.
 
@@ -260,17 +260,17 @@ def backward_rows(
     ``lambda_e`` is ``G_e = clip(t_e + g_pair[p], -1, 1)`` (``g_pair`` = gradient of the pair's
     edge count).
 
-    ``w`` (E, 2) receives ``(scale t, G)`` in CSR order; ``w_t`` (E, 4) receives
-    ``(scale t, pi drop, G, -)`` at the edge's by-key position ``tpos[e]``, side by side so that
-    each edge costs one cache line (the fourth slot keeps records aligned). ``rs`` (R,) is
-    scratch.
+    ``w`` (E,) receives ``t`` in CSR order; ``w_t`` (E, 2) receives ``(t, pi drop)`` at the
+    edge's by-key position ``tpos[e]``, side by side so that each scattered write touches one
+    cache line. ``G`` is not stored: the products recompute it from ``t`` (see :func:`ste_spmm`),
+    which halves the per-edge scratch and the bytes every later pass streams (8 and 16 bytes
+    per edge in float32 instead of 24 and 48). ``rs`` (R,) is scratch.
     """
     num_rows, dim = gq.shape
     dim_v = g.shape[1]
     num_tiles = ptr.shape[0] - 1
     has_drop = drop.shape[0] > 0
     zero, sc = _typed(0.0, g), _typed(scale, g)
-    lo, hi = _typed(-1.0, g), _typed(1.0, g)
     step = _pair_group(n)
     for first in range(0, num_rows, step):
         last = min(num_rows, first + step)
@@ -285,7 +285,6 @@ def backward_rows(
             for r in prange(first, last):
                 st, en = ptr[t, r], ptr[t + 1, r]
                 base = (r // n) * m
-                shift = g_pair[r // n]
                 rs_r = rs[r]
                 pos = st
                 while pos + _UNROLL <= en:
@@ -295,57 +294,51 @@ def backward_rows(
                         g, r, v, base + col[e0], base + col[e1], base + col[e2], base + col[e3],
                         zero,
                     )  # fmt: skip
-                    _edge_grad(e0, gp0, pi, drop, has_drop, rs_r, shift, sc, lo, hi, tpos, w, w_t)
-                    _edge_grad(e1, gp1, pi, drop, has_drop, rs_r, shift, sc, lo, hi, tpos, w, w_t)
-                    _edge_grad(e2, gp2, pi, drop, has_drop, rs_r, shift, sc, lo, hi, tpos, w, w_t)
-                    _edge_grad(e3, gp3, pi, drop, has_drop, rs_r, shift, sc, lo, hi, tpos, w, w_t)
+                    _edge_grad(e0, gp0, pi, drop, has_drop, rs_r, tpos, w, w_t)
+                    _edge_grad(e1, gp1, pi, drop, has_drop, rs_r, tpos, w, w_t)
+                    _edge_grad(e2, gp2, pi, drop, has_drop, rs_r, tpos, w, w_t)
+                    _edge_grad(e3, gp3, pi, drop, has_drop, rs_r, tpos, w, w_t)
                     pos += _UNROLL
                 for p in range(pos, en):
                     e = _edge(order, p)
                     gp = _dot(g, r, v, base + col[e], zero)
-                    _edge_grad(e, gp, pi, drop, has_drop, rs_r, shift, sc, lo, hi, tpos, w, w_t)
+                    _edge_grad(e, gp, pi, drop, has_drop, rs_r, tpos, w, w_t)
                 pos = st
                 while pos + _UNROLL <= en:
                     e0, e1 = _edge(order, pos), _edge(order, pos + 1)
                     e2, e3 = _edge(order, pos + 2), _edge(order, pos + 3)
                     _axpy4(
-                        gq, r, k, w[e0, 0], w[e1, 0], w[e2, 0], w[e3, 0],
+                        gq, r, k, w[e0] * sc, w[e1] * sc, w[e2] * sc, w[e3] * sc,
                         base + col[e0], base + col[e1], base + col[e2], base + col[e3],
                     )  # fmt: skip
                     pos += _UNROLL
                 for p in range(pos, en):
                     e = _edge(order, p)
-                    _axpy(gq, r, k, w[e, 0], base + col[e])
+                    _axpy(gq, r, k, w[e] * sc, base + col[e])
 
 
 @njit(inline="always")
-def _edge_grad(
-    e, gp, pi, drop, has_drop, rs_r, shift, sc, lo, hi, tpos, w, w_t
-):  # pragma: no cover
+def _edge_grad(e, gp, pi, drop, has_drop, rs_r, tpos, w, w_t):  # pragma: no cover
     """Edge e's gradients from ``gp = <g_r, v_j>`` (see :func:`backward_rows`)."""
     wv = pi[e]
     if has_drop:
         gp *= drop[e]
         wv *= drop[e]
     ts = pi[e] * (gp - rs_r)
-    ste = ts + shift
-    ste = hi if ste > hi else (lo if ste < lo else ste)
-    w[e, 0] = ts * sc
-    w[e, 1] = ste
+    w[e] = ts
     tp = tpos[e]
-    w_t[tp, 0] = ts * sc
+    w_t[tp, 0] = ts
     w_t[tp, 1] = wv
-    w_t[tp, 2] = ste
 
 
 @njit(parallel=True, cache=True, fastmath=_FASTMATH)
-def backward_cols(cptr, trow, q, g, w_t, n, m, gk, gv):  # pragma: no cover
+def backward_cols(cptr, trow, q, g, w_t, scale, n, m, gk, gv):  # pragma: no cover
     """By-key pass of backward over the transposed graph (its rows ascending: grouped by tile):
-    ``gk_c = sum_t w_t[t, 0] q_i``, ``gv_c = sum_t w_t[t, 1] g_i``."""
+    ``gk_c = scale sum_t w_t[t, 0] q_i``, ``gv_c = sum_t w_t[t, 1] g_i``."""
     num_cols, dim = gk.shape
     dim_v = gv.shape[1]
     num_tiles = cptr.shape[0] - 1
-    zero = _typed(0.0, gk)
+    zero, sc = _typed(0.0, gk), _typed(scale, gk)
     step = _pair_group(m)
     for first in range(0, num_cols, step):
         last = min(num_cols, first + step)
@@ -360,6 +353,9 @@ def backward_cols(cptr, trow, q, g, w_t, n, m, gk, gv):  # pragma: no cover
                 rbase = (c // m) * n
                 _axpy_rows(gk, c, q, w_t, 0, trow, rbase, st, en)
                 _axpy_rows(gv, c, g, w_t, 1, trow, rbase, st, en)
+        for c in prange(first, last):
+            for d in range(dim):
+                gk[c, d] *= sc
 
 
 @njit(inline="always")
@@ -377,8 +373,9 @@ def _axpy_rows(out, c, x, w_t, which, trow, rbase, st, en):  # pragma: no cover
 
 
 @njit(parallel=True, cache=True, fastmath=_FASTMATH)
-def spmm(ptr, order, idx, vals, which, x, n_self, n_other, out):  # pragma: no cover
-    """``out_r = sum over edges e of row r of vals[e, which] x[other-side row of e]``, by tile.
+def ste_spmm(ptr, order, idx, vals, g_pair, x, n_self, n_other, out):  # pragma: no cover
+    """``out_r = sum over edges e of row r of G_e x[other-side row of e]``, by tile, with the
+    straight-through gradient ``G_e = clip(vals[e, 0] + g_pair[r // n_self], -1, 1)``.
 
     Row ``r`` belongs to pair ``r // n_self``; its edge e points at row
     ``(r // n_self) * n_other + idx[e]`` of ``x``. The same kernel serves the graph (rows are
@@ -388,6 +385,7 @@ def spmm(ptr, order, idx, vals, which, x, n_self, n_other, out):  # pragma: no c
     num_rows, f = out.shape
     num_tiles = ptr.shape[0] - 1
     zero = _typed(0.0, out)
+    lo, hi = _typed(-1.0, out), _typed(1.0, out)
     step = _pair_group(n_self)
     for first in range(0, num_rows, step):
         last = min(num_rows, first + step)
@@ -397,6 +395,7 @@ def spmm(ptr, order, idx, vals, which, x, n_self, n_other, out):  # pragma: no c
         for t in range(num_tiles):
             for r in prange(first, last):
                 base = (r // n_self) * n_other
+                shift = g_pair[r // n_self]
                 st, en = ptr[t, r], ptr[t + 1, r]
                 pos = st
                 while pos + _UNROLL <= en:
@@ -407,14 +406,20 @@ def spmm(ptr, order, idx, vals, which, x, n_self, n_other, out):  # pragma: no c
                     e0, e1 = _edge(order, pos), _edge(order, pos + 1)
                     e2, e3 = _edge(order, pos + 2), _edge(order, pos + 3)
                     _axpy4(
-                        out, r, x, vals[e0, which], vals[e1, which], vals[e2, which],
-                        vals[e3, which], base + idx[e0], base + idx[e1], base + idx[e2],
-                        base + idx[e3],
+                        out, r, x, _clip(vals[e0, 0] + shift, lo, hi),
+                        _clip(vals[e1, 0] + shift, lo, hi), _clip(vals[e2, 0] + shift, lo, hi),
+                        _clip(vals[e3, 0] + shift, lo, hi), base + idx[e0], base + idx[e1],
+                        base + idx[e2], base + idx[e3],
                     )  # fmt: skip
                     pos += _UNROLL
                 for p in range(pos, en):
                     e = _edge(order, p)
-                    _axpy(out, r, x, vals[e, which], base + idx[e])
+                    _axpy(out, r, x, _clip(vals[e, 0] + shift, lo, hi), base + idx[e])
+
+
+@njit(inline="always")
+def _clip(x, lo, hi):  # pragma: no cover
+    return hi if x > hi else (lo if x < lo else x)
 
 
 @njit(parallel=True, cache=True)

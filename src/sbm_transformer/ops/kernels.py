@@ -226,16 +226,16 @@ class NumbaKernels:
         item = q.element_size()
         dtype = _np(q).dtype
         gq = torch.empty_like(q)
-        w = scratch("edge_weights", (e, 2), dtype)  # per edge, by query: scale * t, G
-        w_t = scratch("edge_weights_t", (e, 4), dtype)  # by key: scale * t, pi * drop, G, -
+        w = scratch("edge_weights", (e,), dtype)  # per edge, by query: t
+        w_t = scratch("edge_weights_t", (e, 2), dtype)  # by key: t, pi * drop
         ptr, order = _row_tiles(graph, _num_tiles(m * (k.shape[1] + v.shape[1]) * item, per_query))
         nk.backward_rows(
             ptr, order, col, _np(t.tpos), _np(k), _np(v), drop_np, _np(softmax), _np(out), g,
-            g_pair, scale, n, m, gq.numpy(), w, w_t, scratch("row_scratch", (q.shape[0],), dtype),
+            scale, n, m, gq.numpy(), w, w_t, scratch("row_scratch", (q.shape[0],), dtype),
         )  # fmt: skip
         gk, gv = torch.empty_like(k), torch.empty_like(v)
         cptr = _col_tiles(graph, _num_tiles(n * (q.shape[1] + g.shape[1]) * item, per_key))
-        nk.backward_cols(cptr, trow, _np(q), g, w_t, n, m, gk.numpy(), gv.numpy())
+        nk.backward_cols(cptr, trow, _np(q), g, w_t, scale, n, m, gk.numpy(), gv.numpy())
         if ste is None:
             return Grads(gq, gk, gv, None, None)
         z, y = _np(ste.z), _np(ste.y)
@@ -243,10 +243,10 @@ class NumbaKernels:
         # memory paid for in page faults at every call.
         gz = scratch("ste_gz", (q.shape[0], z.shape[1]), dtype)
         ptr, order = _row_tiles(graph, _num_tiles(m * z.shape[1] * item, per_query))
-        nk.spmm(ptr, order, col, w, 1, z, n, m, gz)
+        nk.ste_spmm(ptr, order, col, w.reshape(e, 1), g_pair, z, n, m, gz)
         gy = scratch("ste_gy", (k.shape[0], y.shape[1]), dtype)
         cptr = _col_tiles(graph, _num_tiles(n * y.shape[1] * item, per_key))
-        nk.spmm(cptr, trow[:0], trow, w_t, 2, y, m, n, gy)
+        nk.ste_spmm(cptr, trow[:0], trow, w_t, g_pair, y, m, n, gy)
         return Grads(gq, gk, gv, torch.from_numpy(gz), torch.from_numpy(gy))
 
 
