@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sbm_transformer.bench import Case, Settings, measure_memory, run, time_case
+from sbm_transformer.bench import Case, Settings, measure_memory, measure_scaling, run, time_case
 
 
 def test_benchmark_smoke(tmp_path) -> None:
@@ -38,3 +38,25 @@ def test_fast_cases_get_more_rounds_up_to_the_cap() -> None:
     capped = Settings(clusters=8, rounds=2, min_time=60.0, max_rounds=6)
     more = time_case(case, capped, ["sdpa"], lambda s: None)
     assert more.rounds == 6
+
+
+def test_scaling_check_runs_its_rounds_side_by_side(monkeypatch) -> None:
+    """The 16k/64k check (here 256/1024): one warm-up per size, then --scaling-rounds rounds in
+    which the two sizes alternate; one ratio logged."""
+    from sbm_transformer import bench
+
+    calls: list[int] = []
+    run_sbm = bench.Workload.run_sbm
+
+    def counted(self: bench.Workload, backend: str) -> int:
+        calls.append(self.case.n)
+        return run_sbm(self, backend)
+
+    monkeypatch.setattr(bench.Workload, "run_sbm", counted)
+    logged: list[str] = []
+    ratio, small, large = measure_scaling(
+        Settings(clusters=8, scaling_rounds=3), 8, 256, 1024, logged.append
+    )
+    assert calls == [256, 1024] * 4
+    assert small > 0 and large > 0 and ratio > 0
+    assert len(logged) == 1 and "time(1024)/time(256)" in logged[0]

@@ -73,6 +73,7 @@ class Settings:
     rounds: int = 3  # at least this many interleaved rounds per case...
     min_time: float = 2.0  # ...and more, for fast cases, until the rounds took this long (s)...
     max_rounds: int = 25  # ...but no more than this
+    scaling_rounds: int = 7  # rounds of the side-by-side 16k/64k check (its ratio is noisy)
     dense_max_n: int = 4096
     sdpa_max_n: int = 65536
     max_edges: int = 120_000_000
@@ -220,7 +221,7 @@ def measure_scaling(
         w.run_sbm("sparse")
     ratios: list[float] = []
     times: tuple[list[float], list[float]] = ([], [])
-    for _ in range(s.rounds):
+    for _ in range(s.scaling_rounds):
         round_times = []
         for w, acc in zip(works, times, strict=True):
             _sync(s.device)
@@ -420,7 +421,8 @@ def markdown(
     if scaling:
         lines += [
             "",
-            "Side by side: the two sizes run alternately, round by round, in one process:",
+            f"Side by side: the two sizes run alternately, {s.scaling_rounds} rounds, in one "
+            "process:",
             "",
         ]
         for epq, (ratio, small, large) in sorted(scaling.items()):
@@ -518,6 +520,9 @@ def run(argv: Sequence[str] | None = None, log: Callable[[str], None] = print) -
     p.add_argument("--plot", default=None, help="write the log-log PNG here")
     p.add_argument("--json", default=None, help="write the raw rows as JSON here")
     p.add_argument("--no-scaling", action="store_true", help="skip the side-by-side 16k/64k check")
+    p.add_argument(
+        "--scaling-rounds", type=int, default=7, help="rounds of the side-by-side 16k/64k check"
+    )
     args = p.parse_args(argv)
     if args.quick:
         args.sizes, args.rounds = [n for n in args.sizes if n <= 4096][:2] or [1024], 1
@@ -526,7 +531,7 @@ def run(argv: Sequence[str] | None = None, log: Callable[[str], None] = print) -
         heads=args.heads, head_dim=args.head_dim, clusters=args.clusters, rounds=args.rounds,
         min_time=args.min_time, max_rounds=max(args.max_rounds, args.rounds),
         dense_max_n=args.dense_max_n, max_edges=args.max_edges, device=args.device,
-        dtype=args.dtype,
+        dtype=args.dtype, scaling_rounds=args.scaling_rounds,
     )  # fmt: skip
     cases = build_cases(args.sizes, args.edges_per_query, args.densities)
     rows = []
