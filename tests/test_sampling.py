@@ -220,11 +220,15 @@ def test_peaked_key_memberships_use_alias_tables(sampler_impl: str) -> None:
     assert_matches_probability(freq, prob, 20000)
 
 
-def test_rows_drawn_edge_by_edge_and_cluster_by_cluster_agree(sampler_impl: str) -> None:
+@pytest.mark.parametrize("exploration", [0.05, 0.0])
+def test_rows_drawn_edge_by_edge_and_cluster_by_cluster_agree(
+    sampler_impl: str, exploration: float
+) -> None:
     """The numba sampler draws a quiet row edge by edge (query cluster by rejection, then key
-    cluster) and a busy one with a Poisson count per cluster; both realise edge_probability.
-    Rows: quiet (uneven memberships), peaked memberships (rejection would stall: busy), many
-    expected edges (busy), no memberships at all (exploration only)."""
+    cluster) and a busy one with a Poisson count per cluster; both realise edge_probability,
+    with and without exploration (which quiet rows then skip). Rows: quiet (uneven
+    memberships), peaked memberships (rejection would stall: busy), many expected edges (busy),
+    no memberships at all (exploration only: no edges without it)."""
     k, n, m = 6, 4, 9
     Y = torch.empty(1, 1, n, k, dtype=torch.float64)
     Y[0, 0, 0] = torch.tensor([0.05, 0.1, 0.15, 0.2, 0.1, 0.02])  # quiet, accepted ~1/2
@@ -238,7 +242,7 @@ def test_rows_drawn_edge_by_edge_and_cluster_by_cluster_agree(sampler_impl: str)
     Z[0, 0, torch.arange(m), torch.arange(m) % k] = 0.9
     # row 2 expects ~15 draws: more than 1.5 K = 9, the most a row draws edge by edge
     B = 2 * (0.01 + 0.8 * torch.eye(k, dtype=torch.float64))[None]
-    kw = dict(exploration=0.05)
+    kw = dict(exploration=exploration)
     if sampler_impl == "numba":  # the rows really take both paths
         from sbm_transformer import _numba_sampler as ns
 
@@ -247,7 +251,7 @@ def test_rows_drawn_edge_by_edge_and_cluster_by_cluster_agree(sampler_impl: str)
         rate, top = np.empty(n), np.empty(n)
         busy = np.empty(n, np.bool_)
         visible = np.full((1, n), m, np.int64)
-        ns._row_rates(Y[0].numpy(), beta, visible, 0.05, 1, rate, top, busy)
+        ns._row_rates(Y[0].numpy(), beta, visible, exploration, 1, rate, top, busy)
         assert busy.tolist() == [False, True, True, False]
     prob = edge_probability(Y, Z, B, **kw)[0]
     freq = empirical_frequency(Y, Z, B, copies=2000, rounds=10, seed=5, **kw)

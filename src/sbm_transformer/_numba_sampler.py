@@ -294,9 +294,10 @@ def _draw_component(
     ``Y[i, a] beta[a]`` (alias draw over beta, accepted with probability ``Y[i, a] / bound``)
     and b with weights ``B[a, b] T[b]`` (alias draw)."""
     k = y_row.shape[0]
-    state, x = _uniform(state)
-    if x * rate < eps_rate:
-        return state, k
+    if eps_rate > 0.0:  # (without exploration, no uniform spent on it)
+        state, x = _uniform(state)
+        if x * rate < eps_rate:
+            return state, k
     while True:
         state, a = _alias_draw(state, prob_a, alias_a, k)
         state, x = _uniform(state)
