@@ -308,6 +308,11 @@ def test_sampled_keys_are_grouped_by_tile() -> None:
     crow, col = graph.crow_indices.numpy(), graph.col_indices.numpy()
     rows = np.repeat(np.arange(crow.shape[0] - 1), np.diff(crow))
     assert np.all(np.diff(col >> TILE_SHIFT)[np.diff(rows) == 0] >= 0)  # ascending tiles
+    # the sampler's own tile pointers are those of a pass over the keys
+    assert graph.tile_pointers is not None
+    np.testing.assert_array_equal(
+        graph.tile_pointers.numpy(), nk.tile_pointers(crow, col, TILE_SHIFT, 4)
+    )
     for tiles, shift in [(4, TILE_SHIFT), (2, TILE_SHIFT + 1), (1, 62)]:
         ptr, order = kernels._row_tiles(graph, tiles)
         assert order.size == 0
@@ -324,8 +329,9 @@ def test_sampled_keys_are_grouped_by_tile() -> None:
 
 @pytest.mark.skipif("sparse-numba" not in SPARSE_BACKENDS, reason="numba not installed")
 def test_coarse_tile_pointers_derive_from_fine_ones() -> None:
-    """Tile pointers are computed once at 4096-row tiles and coarser ones are taken from them:
-    for the transposed graph (keys' rows by query tile) they match a direct pass."""
+    """Tile pointers are kept at 4096-row tiles (for a transposed graph, the numba transpose
+    gives them) and coarser ones are taken from them: for the transposed graph (keys' rows by
+    query tile) they match a direct pass."""
     from sbm_transformer.ops import _numba_kernels as nk
     from sbm_transformer.ops import kernels
 
@@ -335,6 +341,9 @@ def test_coarse_tile_pointers_derive_from_fine_ones() -> None:
     graph = Graph.from_dense(torch.rand(1, 2, n, m, generator=gen) < 0.3)
     t = graph.transpose()
     ccol, trow = t.ccol_indices.numpy(), t.row_indices.numpy()
+    # the transpose's own fine pointers (cursor copies at each query tile) match a pass
+    assert t.tile_pointers is not None
+    np.testing.assert_array_equal(t.tile_pointers.numpy(), nk.tile_pointers(ccol, trow, fine, 6))
     for tiles in (8, 4, 2):
         shift, num = kernels._tile_shift(n, tiles)
         assert shift >= fine

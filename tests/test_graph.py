@@ -71,6 +71,14 @@ def test_sorted_keeps_the_edges() -> None:
 def test_structure_errors() -> None:
     crow = torch.tensor([0, 1, 2], dtype=torch.int32)
     col = torch.tensor([0, 1], dtype=torch.int32)
+    ptr = torch.zeros(2, 2, dtype=torch.int32)  # one tile: (1 + 1, B*H*N)
+    Graph(crow, col, (1, 1, 2, 2), tile_shift=12, tile_pointers=ptr)
+    with pytest.raises(
+        ValueError, match=r"tile_pointers must have shape .* = \(2, 2\), got \(3, 2\)"
+    ):
+        Graph(crow, col, (1, 1, 2, 2), tile_shift=12, tile_pointers=torch.zeros(3, 2))
+    with pytest.raises(ValueError, match="tile_pointers needs tile_shift"):
+        Graph(crow, col, (1, 1, 2, 2), tile_pointers=ptr)
     with pytest.raises(ValueError, match="must have B\\*H\\*N \\+ 1 = 3 entries"):
         Graph(crow[:2], col, (1, 1, 2, 2))
     with pytest.raises(TypeError, match="share a dtype"):

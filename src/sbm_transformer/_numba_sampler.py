@@ -40,6 +40,7 @@ import numpy as np
 from numba import njit, prange
 
 from sbm_transformer._numba import scratch
+from sbm_transformer.graph import TILE_SHIFT
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _M1 = np.uint64(0xBF58476D1CE4E5B9)
@@ -533,15 +534,11 @@ def _dedup(offsets, buf, m, kept):  # pragma: no cover
             kept[r] = w - st
 
 
-#: The sampler leaves each row's keys grouped by ``j >> TILE_SHIFT`` (4096-key tiles, ascending),
-#: so that the kernels can gather tile by tile without regrouping (``Graph.tile_shift``).
-TILE_SHIFT = 12
-
-
 @njit(parallel=True, cache=True)
-def _compact(offsets, buf, crow, col, tiles):  # pragma: no cover
+def _compact(offsets, buf, crow, col, tiles, ptr):  # pragma: no cover
     """Copy each row's kept keys into the final array, grouped by tile (a stable counting sort
-    by ``j >> TILE_SHIFT`` over ``tiles`` tiles)."""
+    by ``j >> TILE_SHIFT`` over ``tiles`` tiles); ``ptr`` (tiles + 1, R) receives where each
+    row's tiles start (nothing when ``tiles`` is 1)."""
     num_rows = crow.shape[0] - 1
     chunk = 256
     for c in prange((num_rows + chunk - 1) // chunk):
@@ -558,6 +555,8 @@ def _compact(offsets, buf, crow, col, tiles):  # pragma: no cover
                 counts[(buf[src + t] >> TILE_SHIFT) + 1] += 1
             for t in range(tiles):
                 counts[t + 1] += counts[t]
+            for t in range(tiles + 1):
+                ptr[t, r] = dst + counts[t]
             for t in range(size):
                 j = buf[src + t]
                 tile = j >> TILE_SHIFT
@@ -576,7 +575,7 @@ def sample_csr(
     eps: float,
     causal: bool,
     heads: int,
-) -> tuple[np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """Sample all (batch, head) graphs at once.
 
     Args:
@@ -595,7 +594,8 @@ def sample_csr(
     Returns:
         ``crow`` (P*N + 1,) and ``col`` (E,) of the deduplicated CSR graph, each row's keys
         grouped by tile of ``2^TILE_SHIFT`` keys (in draw order within a tile); int32 when the
-        edge count and the stacked sizes allow, else int64.
+        edge count and the stacked sizes allow, else int64. Then the tiles' start positions
+        ``ptr`` (T + 1, P*N), T = ceil(M / 2^TILE_SHIFT), or None when T is 1.
     """
     num_pairs, n, k = y.shape
     m = z.shape[1]
@@ -645,5 +645,7 @@ def sample_csr(
     crow = np.zeros(num_pairs * n + 1, index_dtype)
     np.cumsum(kept, out=crow[1:])
     col = np.empty(int(crow[-1]), index_dtype)
-    _compact(offsets, buf, crow, col, -(-m >> TILE_SHIFT))
-    return crow, col
+    tiles = -(-m >> TILE_SHIFT)
+    ptr = np.empty((tiles + 1 if tiles > 1 else 0, num_pairs * n), index_dtype)
+    _compact(offsets, buf, crow, col, tiles, ptr)
+    return crow, col, (ptr if tiles > 1 else None)

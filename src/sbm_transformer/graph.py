@@ -17,6 +17,12 @@ from sbm_transformer._numba import use_numba
 
 _INT32_MAX = 2**31 - 1
 
+#: Tiles of ``2^TILE_SHIFT`` = 4096 keys (or queries): the numba sampler groups each row's keys by
+#: key tile and records where each tile's keys start (:attr:`Graph.tile_pointers`), the numba
+#: transpose does the same for each key's queries by query tile; the CPU kernels gather tile by
+#: tile from these (or coarser) tiles.
+TILE_SHIFT = 12
+
 
 def index_dtype(*sizes: int) -> torch.dtype:
     """int32 when every size (edge count, stacked rows, stacked columns) fits, else int64."""
@@ -33,13 +39,22 @@ class TransposedGraph:
         tpos: ``(E,)`` the by-key position of each edge (indexed by CSR position).
         perm: ``(E,)`` the inverse of ``tpos``: the CSR position of the edge at each by-key
             position (derived on first use; the CPU kernels need ``tpos`` only).
+        tile_pointers: ``(T + 1, B*H*M)`` with ``T = ceil(N / 2^TILE_SHIFT)`` > 1, or None: the
+            edges of column c from query tile t are positions ``tile_pointers[t, c]`` to
+            ``tile_pointers[t + 1, c] - 1`` (given by the numba transpose).
     """
 
     def __init__(
-        self, ccol_indices: Tensor, row_indices: Tensor, tpos: Tensor, perm: Tensor | None = None
+        self,
+        ccol_indices: Tensor,
+        row_indices: Tensor,
+        tpos: Tensor,
+        perm: Tensor | None = None,
+        tile_pointers: Tensor | None = None,
     ) -> None:
         self.ccol_indices, self.row_indices, self.tpos = ccol_indices, row_indices, tpos
         self._perm = perm
+        self.tile_pointers = tile_pointers
 
     @property
     def perm(self) -> Tensor:
@@ -64,6 +79,10 @@ class Graph:
         tile_shift: when known, the keys of each row are grouped by ``j >> tile_shift`` in
             ascending groups (0: sorted); the CPU kernels then gather tile by tile without
             regrouping. None: no known order.
+        tile_pointers: optional ``(T + 1, B*H*N)``, ``T = ceil(M / 2^tile_shift)``: where each
+            row's keys of tile t start (row r's tile t holds positions ``tile_pointers[t, r]`` to
+            ``tile_pointers[t + 1, r] - 1``); the numba sampler gives them, saving the kernels a
+            pass over the edges. Requires ``tile_shift``.
         check: verify dtypes, sizes and devices (cheap, O(1)); :meth:`validate` checks the
             contents (O(E)).
 
@@ -77,7 +96,7 @@ class Graph:
         True
     """
 
-    __slots__ = ("_cache", "col_indices", "crow_indices", "shape", "tile_shift")
+    __slots__ = ("_cache", "col_indices", "crow_indices", "shape", "tile_pointers", "tile_shift")
 
     def __init__(
         self,
@@ -86,11 +105,13 @@ class Graph:
         shape: tuple[int, int, int, int],
         *,
         tile_shift: int | None = None,
+        tile_pointers: Tensor | None = None,
         check: bool = True,
     ) -> None:
         self.crow_indices = crow_indices
         self.col_indices = col_indices
         self.tile_shift = tile_shift
+        self.tile_pointers = tile_pointers
         if len(shape) != 4:
             raise ValueError(f"Graph shape must be (B, H, N, M), got {tuple(shape)}")
         b, h, n, m = (int(s) for s in shape)
@@ -122,6 +143,16 @@ class Graph:
                 f"Graph.crow_indices must have B*H*N + 1 = {b * h * n + 1} entries for shape "
                 f"{self.shape}, got {self.crow_indices.numel()}"
             )
+        if self.tile_pointers is not None:
+            if self.tile_shift is None:
+                raise ValueError("Graph.tile_pointers needs tile_shift (the tile size they use)")
+            tiles = -(-self.shape[3] >> self.tile_shift)
+            expected = (tiles + 1, b * h * n)
+            if tuple(self.tile_pointers.shape) != expected:
+                raise ValueError(
+                    f"Graph.tile_pointers must have shape (ceil(M / 2^tile_shift) + 1, B*H*N) = "
+                    f"{expected}, got {tuple(self.tile_pointers.shape)}"
+                )
 
     # ------------------------------------------------------------------ sizes
     @property
@@ -245,6 +276,7 @@ class Graph:
             self.col_indices.to(device),
             self.shape,
             tile_shift=self.tile_shift,
+            tile_pointers=None if self.tile_pointers is None else self.tile_pointers.to(device),
         )
 
     # ------------------------------------------------------------- transpose
@@ -327,8 +359,13 @@ def _transpose(graph: Graph) -> TransposedGraph:
     if graph.num_edges and use_numba(graph.col_indices):
         from sbm_transformer.ops import _numba_kernels as nk
 
-        arrays = nk.transpose(graph.crow_indices.numpy(), graph.col_indices.numpy(), b * h, n, m)
-        return TransposedGraph(*(torch.from_numpy(x) for x in arrays))  # ccol, rows, tpos
+        ccol, rows, tpos, ptr = nk.transpose(
+            graph.crow_indices.numpy(), graph.col_indices.numpy(), b * h, n, m, TILE_SHIFT
+        )
+        return TransposedGraph(
+            torch.from_numpy(ccol), torch.from_numpy(rows), torch.from_numpy(tpos),
+            tile_pointers=torch.from_numpy(ptr) if ptr.shape[0] else None,
+        )  # fmt: skip
     rows_global = graph.row_indices().long()
     key = (
         rows_global // max(n, 1)

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from sbm_transformer._numba import sync_threads, use_numba
-from sbm_transformer.graph import Graph, index_dtype
+from sbm_transformer.graph import TILE_SHIFT, Graph, index_dtype
 
 __all__ = [
     "block_matrix",
@@ -278,10 +278,8 @@ def sample_graph(
         crow = torch.zeros(bsz * heads * n + 1, dtype=torch.int32, device=Y.device)
         return Graph(crow, crow.new_zeros(0), (bsz, heads, n, m))
     if use_numba(Y):
-        from sbm_transformer._numba_sampler import TILE_SHIFT
-
-        crow, col = _sample_numba(Yw, Zw, Bw, exploration, causal, visible, valid, generator)
-        return Graph(crow, col, (bsz, heads, n, m), tile_shift=TILE_SHIFT)
+        crow, col, ptr = _sample_numba(Yw, Zw, Bw, exploration, causal, visible, valid, generator)
+        return Graph(crow, col, (bsz, heads, n, m), tile_shift=TILE_SHIFT, tile_pointers=ptr)
     crow, col = _sample_torch(Yw, Zw, Bw, exploration, causal, visible, valid, generator)
     return Graph(crow, col, (bsz, heads, n, m), tile_shift=0)  # torch.unique sorts
 
@@ -300,7 +298,8 @@ def _sample_numba(
     visible: Tensor,
     valid: Tensor,
     generator: torch.Generator | None,
-) -> tuple[Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """CSR pointers, keys, and the key-tile pointers (see :class:`Graph`) of a sampled graph."""
     from sbm_transformer import _numba_sampler
 
     bsz, heads, n, k = Y.shape
@@ -315,7 +314,7 @@ def _sample_numba(
         return torch.bmm(y, bmat).numpy()
 
     sync_threads()
-    crow, col = _numba_sampler.sample_csr(
+    crow, col, ptr = _numba_sampler.sample_csr(
         seed,
         y.numpy(),
         bmat.numpy(),
@@ -327,7 +326,8 @@ def _sample_numba(
         bool(causal),
         heads,
     )
-    return torch.from_numpy(crow), torch.from_numpy(col)
+    tiles = None if ptr is None else torch.from_numpy(ptr)
+    return torch.from_numpy(crow), torch.from_numpy(col), tiles
 
 
 def _categorical(weights: Tensor, rows: Tensor, generator: torch.Generator | None) -> Tensor:

@@ -88,13 +88,17 @@ def _prefetch_row(typingctx, array, row):  # pragma: no cover - code generation
 
 
 @njit(parallel=True, cache=True)
-def transpose(crow, col, num_pairs, n, m):  # pragma: no cover
+def transpose(crow, col, num_pairs, n, m, shift):  # pragma: no cover
     """Counting sort of the edges by stacked key column; rows stay ascending within a column.
 
-    Returns ``ccol`` (P*M + 1,), ``rows`` (E,) local query per by-key position and ``tpos``
-    (E,) the by-key position of each edge.
+    Returns ``ccol`` (P*M + 1,), ``rows`` (E,) local query per by-key position, ``tpos`` (E,)
+    the by-key position of each edge, and ``ptr`` (T + 1, P*M): where each column's edges from
+    query tile t (queries ``t * 2^shift`` on) start, T = ceil(N / 2^shift); (0, P*M) when T is 1.
+    The queries are visited in order, so at each tile's first query the column cursors are
+    exactly those starts: a copy of M cursors per tile instead of a pass over the edges.
     """
     num_edges = col.shape[0]
+    num_tiles = -(-n >> shift)
     counts = np.zeros(num_pairs * m + 1, np.int64)
     for p in prange(num_pairs):
         for e in range(crow[p * n], crow[(p + 1) * n]):
@@ -102,9 +106,13 @@ def transpose(crow, col, num_pairs, n, m):  # pragma: no cover
     ccol = np.cumsum(counts).astype(crow.dtype)
     tpos = np.empty(num_edges, crow.dtype)
     rows = np.empty(num_edges, crow.dtype)
+    ptr = np.empty((num_tiles + 1 if num_tiles > 1 else 0, num_pairs * m), crow.dtype)
+    mask = (1 << shift) - 1
     for p in prange(num_pairs):
         cursor = ccol[p * m : (p + 1) * m].copy()
         for i in range(n):
+            if num_tiles > 1 and (i & mask) == 0:
+                ptr[i >> shift, p * m : (p + 1) * m] = cursor
             r = p * n + i
             for e in range(crow[r], crow[r + 1]):
                 c = col[e]
@@ -112,7 +120,9 @@ def transpose(crow, col, num_pairs, n, m):  # pragma: no cover
                 cursor[c] = t + 1
                 tpos[e] = t
                 rows[t] = i
-    return ccol, rows, tpos
+        if num_tiles > 1:
+            ptr[num_tiles, p * m : (p + 1) * m] = ccol[p * m + 1 : (p + 1) * m + 1]
+    return ccol, rows, tpos, ptr
 
 
 # Every kernel below walks the edges of a row tile by tile: ``ptr`` (T + 1, R) holds, for each

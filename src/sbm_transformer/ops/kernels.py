@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from sbm_transformer._numba import scratch, sync_threads, use_numba
-from sbm_transformer.graph import Graph
+from sbm_transformer.graph import TILE_SHIFT, Graph
 
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
 
@@ -291,23 +291,38 @@ def _tile_shift(rows: int, tiles: int) -> tuple[int, int]:
     return shift, -(-rows >> shift)
 
 
-#: Tile pointers of a graph are computed once at this granularity (tiles of 4096 table rows,
-#: the sampler's grouping) and coarser ones derived from them: each computation is a pass over
-#: every edge (at N = 64k, 128 edges per query, five passes took 64 ms).
-_FINE_SHIFT = 12
+#: Tile pointers of a graph are kept at this granularity (tiles of 4096 table rows, the
+#: sampler's grouping) and coarser ones derived from them. The numba sampler and transpose give
+#: them; otherwise they are computed once (a pass over every edge, and over every row and tile:
+#: 24 ms for both sides at N = 64k, 32 edges per query, against under 1 ms given).
+_FINE_SHIFT = TILE_SHIFT
 
 
 def _tile_pointers(
-    key: str, crow: np.ndarray, col: np.ndarray, rows: int, shift: int, num: int, graph: Graph
+    key: str,
+    crow: np.ndarray,
+    col: np.ndarray,
+    rows: int,
+    shift: int,
+    num: int,
+    graph: Graph,
+    given: Tensor | None,
 ) -> np.ndarray:
     """``ptr`` (num + 1, R) of CSR rows whose columns are grouped by tiles of ``2^shift`` (or
-    finer, down to ``_FINE_SHIFT``), derived from the cached fine pointers when coarser."""
+    finer, down to ``_FINE_SHIFT``), derived from the fine pointers when coarser: ``given``
+    ones, or ones computed once per graph."""
     from sbm_transformer.ops import _numba_kernels as nk
 
     if shift < _FINE_SHIFT:
         return nk.tile_pointers(crow, col, shift, num)
     fine_num = -(-rows >> _FINE_SHIFT)
-    fine = _cached(graph, (key, "fine"), lambda: nk.tile_pointers(crow, col, _FINE_SHIFT, fine_num))
+
+    def build() -> np.ndarray:
+        if given is not None and given.shape[0] == fine_num + 1:
+            return _np(given)
+        return nk.tile_pointers(crow, col, _FINE_SHIFT, fine_num)
+
+    fine = _cached(graph, (key, "fine"), build)
     step = shift - _FINE_SHIFT
     return fine[np.minimum(np.arange(num + 1) << step, fine_num)]
 
@@ -330,7 +345,9 @@ def _row_tiles(graph: Graph, tiles: int) -> tuple[np.ndarray, np.ndarray]:
             return nk.group_by_tile(crow, col, shift, num)
         if graph.tile_shift > _FINE_SHIFT:
             return nk.tile_pointers(crow, col, shift, num), crow[:0]
-        return _tile_pointers("row_tiles", crow, col, graph.num_keys, shift, num, graph), crow[:0]
+        given = graph.tile_pointers if graph.tile_shift == _FINE_SHIFT else None
+        ptr = _tile_pointers("row_tiles", crow, col, graph.num_keys, shift, num, graph, given)
+        return ptr, crow[:0]
 
     return _cached(graph, ("row_tiles", shift), build)
 
@@ -346,7 +363,9 @@ def _col_tiles(graph: Graph, tiles: int) -> np.ndarray:
     return _cached(
         graph,
         ("col_tiles", shift),
-        lambda: _tile_pointers("col_tiles", ccol, trow, graph.num_queries, shift, num, graph),
+        lambda: _tile_pointers(
+            "col_tiles", ccol, trow, graph.num_queries, shift, num, graph, t.tile_pointers
+        ),
     )
 
 
