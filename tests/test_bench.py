@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from sbm_transformer.bench import Case, Settings, measure_memory, measure_scaling, run, time_case
 
 
@@ -60,3 +62,33 @@ def test_scaling_check_runs_its_rounds_side_by_side(monkeypatch) -> None:
     assert calls == [256, 1024] * 4
     assert small > 0 and large > 0 and ratio > 0
     assert len(logged) == 1 and "time(1024)/time(256)" in logged[0]
+
+
+def test_sampler_runs_right_after_sparse_and_its_share_is_per_round(monkeypatch) -> None:
+    """Each round runs the sampler right after the sparse method (which includes it); the
+    sampling share is the median of the per-round ratios, not a ratio of medians."""
+    from sbm_transformer import bench
+
+    calls: list[str] = []
+    fake = {"sparse": iter([1.0, 2.0, 4.0]), "sampling": iter([0.1, 1.0, 1.0])}  # seconds
+    clock = [0.0]
+
+    def method(self: bench.Workload, name: str):  # type: ignore[no-untyped-def]
+        def run() -> int:
+            calls.append(name)
+            if len(calls) > 3:  # after the warm-up: advance a fake clock
+                clock[0] += next(fake[name]) if name in fake else 0.0
+            return 1
+
+        return run
+
+    monkeypatch.setattr(bench.Workload, "method", method)
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: clock[0])
+    row = time_case(
+        Case(256, density=0.05), Settings(clusters=8, rounds=3, min_time=0.0),
+        ["sparse", "sdpa"], lambda s: None,
+    )  # fmt: skip
+    assert calls[:3] == ["sparse", "sampling", "sdpa"]
+    assert calls[3:6] == ["sparse", "sampling", "sdpa"]
+    assert row.times["sparse"] == pytest.approx(2.0) and row.times["sampling"] == pytest.approx(1.0)
+    assert row.sampling_share == pytest.approx(0.25)  # per round 0.1, 0.5, 0.25 (not 1.0 / 2.0)
