@@ -176,3 +176,74 @@ def test_bad_call_arguments() -> None:
     causal = SBMAttention(16, 2, num_clusters=4, causal=True)
     with pytest.raises(ValueError, match="causal=True needs as many queries as keys"):
         causal(x, torch.randn(2, 7, 16))
+
+
+@pytest.mark.parametrize("backend", SPARSE_BACKENDS)
+@pytest.mark.parametrize("chunk_bytes", [None, 64, 1100])
+def test_attend_takes_membership_gradients_to_the_features(
+    backend: str, chunk_bytes: int | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SBMAttention.attend (gradients straight to the node features and clusters, by chunks of
+    rows or of whole pairs) against sbm_attention on memberships(), with autograd through the
+    sigmoid, on one graph; also with dropout and through the density."""
+    from sbm_transformer.functional import sbm_attention
+    from sbm_transformer.ops import memberships
+
+    if chunk_bytes is not None:  # 64: a row block per row; 1100: two whole pairs at a time
+        monkeypatch.setattr(memberships, "CHUNK_BYTES", chunk_bytes)
+    torch.manual_seed(0)
+    attn = SBMAttention(24, 3, num_clusters=5, exploration=0.1, dropout=0.2, backend=backend)
+    attn = attn.double()
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, 3, n, 8, generator=g, dtype=torch.float64) for n in (13, 9, 9))
+    results = []
+    for fused in (True, False):
+        attn.zero_grad()
+        qkv = [t.clone().requires_grad_(True) for t in (q, k, v)]
+        gen = torch.Generator().manual_seed(2)
+        if fused:
+            out, st = attn.attend(*qkv, generator=gen)
+        else:
+            Y, Z = attn.memberships(qkv[0], qkv[1])
+            out, st = sbm_attention(
+                *qkv, Y, Z, attn.block_matrix(), exploration=0.1, dropout_p=0.2,
+                backend=backend, generator=gen,
+            )  # fmt: skip
+        ((out**2).sum() + 3.0 * st.density.sum()).backward()
+        grads = {name: p.grad for name, p in attn.named_parameters() if p.grad is not None}
+        results.append((out.detach(), st.num_edges, [t.grad for t in qkv], grads))
+    (out_f, e_f, qkv_f, par_f), (out_p, e_p, qkv_p, par_p) = results
+    assert e_f == e_p > 0
+    assert torch.allclose(out_f, out_p, rtol=1e-12, atol=1e-14)
+    for a, b in zip(qkv_f, qkv_p, strict=True):
+        assert torch.allclose(a, b, rtol=1e-9, atol=1e-12)
+    assert set(par_f) == set(par_p) and {"clusters", "node_mlp.0.weight"} <= set(par_f)
+    for name, grad in par_p.items():
+        assert torch.allclose(par_f[name], grad, rtol=1e-9, atol=1e-12), name
+
+
+def test_attend_without_edges_gives_zero_gradients() -> None:
+    from sbm_transformer import Graph
+
+    attn = SBMAttention(16, 2, num_clusters=4, backend="sparse").double()
+    x = torch.randn(1, 2, 5, 8, dtype=torch.float64, requires_grad=True)
+    empty = Graph.from_dense(torch.zeros(1, 2, 5, 5, dtype=torch.bool))
+    out, st = attn.attend(x, x, x, graph=empty)
+    (out.sum() + st.density.sum()).backward()
+    assert not out.any() and x.grad is not None and not x.grad.any()
+    assert attn.clusters.grad is not None and not attn.clusters.grad.any()
+
+
+def test_attend_inputs_must_match_the_memberships() -> None:
+    from sbm_transformer.functional import attend
+    from sbm_transformer.ops.memberships import MembershipInputs
+
+    q = torch.randn(1, 2, 5, 8)
+    Y, Z, B = torch.rand(1, 2, 5, 4), torch.rand(1, 2, 5, 4), torch.rand(2, 4, 4) / 16
+    good = MembershipInputs(torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8), torch.randn(2, 4, 8))
+    with pytest.raises(ValueError, match=r"inputs.clusters must have shape \(H=2, K=4"):
+        attend(q, q, q, Y, Z, B, inputs=good._replace(clusters=torch.randn(2, 3, 8)))
+    with pytest.raises(ValueError, match=r"inputs.key_features must have shape \(1, 2, 5, 8\)"):
+        attend(q, q, q, Y, Z, B, inputs=good._replace(key_features=torch.randn(1, 2, 4, 8)))
+    with pytest.raises(ValueError, match="Y and Z must not require gradients"):
+        attend(q, q, q, Y.requires_grad_(True), Z, B, inputs=good, backend="sparse")

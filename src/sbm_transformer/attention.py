@@ -15,8 +15,9 @@ import math
 import torch
 from torch import Tensor, nn
 
-from sbm_transformer.functional import BACKENDS, SBMStats, sbm_attention
+from sbm_transformer.functional import BACKENDS, SBMStats, attend
 from sbm_transformer.graph import Graph
+from sbm_transformer.ops.memberships import MembershipInputs
 from sbm_transformer.sampling import block_matrix, check_exploration
 
 __all__ = ["SBMAttention"]
@@ -184,6 +185,40 @@ class SBMAttention(nn.Module):
         Z = torch.sigmoid_(self.node_mlp(k) @ centers)
         return Y, Z
 
+    def attend(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        *,
+        key_padding_mask: Tensor | None = None,
+        graph: Graph | None = None,
+        generator: torch.Generator | None = None,
+    ) -> tuple[Tensor, SBMStats]:
+        """The attention core on projected heads: memberships, graph, attention.
+
+        Args:
+            q: ``(B, H, N, D)``; k: ``(B, H, M, D)``; v: ``(B, H, M, Dv)``.
+            key_padding_mask, graph, generator: as in :meth:`forward`.
+
+        Returns:
+            ``(out (B, H, N, Dv), SBMStats)``. Same values and gradients as
+            :func:`~sbm_transformer.functional.sbm_attention` with :meth:`memberships`; the
+            sparse backend takes the memberships' gradients straight to the node features and
+            the clusters (no (B, H, L, K) gradient tensors).
+        """
+        fq, fk = self.node_mlp(q), self.node_mlp(k)
+        with torch.no_grad():
+            centers = self.clusters.transpose(-1, -2)
+            Y, Z = torch.sigmoid_(fq @ centers), torch.sigmoid_(fk @ centers)
+        return attend(
+            q, k, v, Y, Z, self.block_matrix(),
+            graph=graph, key_padding_mask=key_padding_mask, exploration=self.exploration,
+            causal=self.causal, dropout_p=self.dropout if self.training else 0.0,
+            backend=self.backend, generator=generator, max_edges=self.max_edges,
+            inputs=MembershipInputs(fq, fk, self.clusters),
+        )  # fmt: skip
+
     def _split_heads(self, x: Tensor) -> Tensor:
         b, length, _ = x.shape
         return x.reshape(b, length, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, L, D)
@@ -240,13 +275,9 @@ class SBMAttention(nn.Module):
         q = self._split_heads(self.q_proj(query))
         k = self._split_heads(self.k_proj(key))
         v = self._split_heads(self.v_proj(value))
-        Y, Z = self.memberships(q, k)
-        out, stats = sbm_attention(
-            q, k, v, Y, Z, self.block_matrix(),
-            graph=graph, key_padding_mask=key_padding_mask, exploration=self.exploration,
-            causal=self.causal, dropout_p=self.dropout if self.training else 0.0,
-            backend=self.backend, generator=generator, max_edges=self.max_edges,
-        )  # fmt: skip
+        out, stats = self.attend(
+            q, k, v, key_padding_mask=key_padding_mask, graph=graph, generator=generator
+        )
         b, _, n, _ = out.shape
         out = out.transpose(1, 2).reshape(b, n, self.embed_dim)
         return self.out_proj(out), stats

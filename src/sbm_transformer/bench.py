@@ -37,7 +37,6 @@ import torch
 from sbm_transformer._memory import PeakMemory
 from sbm_transformer._numba import numba_enabled
 from sbm_transformer.attention import SBMAttention
-from sbm_transformer.functional import sbm_attention
 from sbm_transformer.sampling import sample_graph
 
 METHODS = ("sparse", "sdpa", "dense")
@@ -126,11 +125,8 @@ class Workload:
 
     def run_sbm(self, backend: str) -> int:
         self._zero_grads()
-        Y, Z, B = self.memberships()
-        out, stats = sbm_attention(
-            self.q, self.k, self.v, Y, Z, B, exploration=0.0, backend=backend,
-            generator=self.generator,
-        )  # fmt: skip
+        self.attn.backend = backend
+        out, stats = self.attn.attend(self.q, self.k, self.v, generator=self.generator)
         ((out * self.grad).sum() + 1e-4 * stats.density.mean()).backward()
         return stats.num_edges
 
@@ -395,8 +391,9 @@ def markdown(
         f"rounds took {s.min_time:g} s, at most {s.max_rounds} (column `rounds`). Memory: growth "
         "of the peak resident set during one call, each in a fresh process.",
         "",
-        "`sparse` = SBM attention with the sparse backend, everything included (memberships, "
-        "sampling, attention, backward into q, k, v and the SBM parameters); `sampling` = the "
+        "`sparse` = SBM attention with the sparse backend as `SBMAttention.attend` runs it, "
+        "everything included (memberships, sampling, attention, backward into q, k, v and the "
+        "SBM parameters); `sampling` = the "
         "sampler alone, `sample_graph(Y, Z, B)` given the memberships (part of `sparse`); "
         "`sdpa` = `scaled_dot_product_attention`; `dense` = SBM attention with the dense O(N^2) "
         "backend (the original code's path); `share` = sampling / sparse, the median of the "

@@ -14,11 +14,12 @@ from torch import Tensor
 
 from sbm_transformer.graph import Graph
 from sbm_transformer.ops.kernels import get_kernels
+from sbm_transformer.ops.memberships import MembershipInputs
 from sbm_transformer.ops.reference import dense_edge_attention, dense_indicator
 from sbm_transformer.ops.sparse import sbm_edge_attention
 from sbm_transformer.sampling import _check_sbm_inputs, sample_graph
 
-__all__ = ["BACKENDS", "SBMStats", "sbm_attention"]
+__all__ = ["BACKENDS", "SBMStats", "attend", "sbm_attention"]
 
 #: Accepted values of ``backend``. ``"sparse"`` picks the fastest sparse kernels for the device
 #: (numba on CPU when installed, torch.sparse otherwise); ``"sparse-torch"``/``"sparse-numba"``
@@ -97,6 +98,21 @@ def _check_memberships(q: Tensor, k: Tensor, Y: Tensor, Z: Tensor) -> None:
         raise ValueError(f"Y, Z and B must be on the device of q ({q.device}), got {Y.device}")
 
 
+def _check_inputs(q: Tensor, k: Tensor, Y: Tensor, inputs: MembershipInputs) -> None:
+    fq, fk, clusters = inputs
+    b, h, n, kk = Y.shape
+    if clusters.dim() != 3 or clusters.shape[0] != h or clusters.shape[1] != kk:
+        raise ValueError(
+            f"inputs.clusters must have shape (H={h}, K={kk}, D'), got {tuple(clusters.shape)}"
+        )
+    width = clusters.shape[2]
+    for name, t, length in (("query_features", fq, n), ("key_features", fk, k.shape[2])):
+        if tuple(t.shape) != (b, h, length, width):
+            raise ValueError(
+                f"inputs.{name} must have shape {(b, h, length, width)}, got {tuple(t.shape)}"
+            )
+
+
 def sbm_attention(
     q: Tensor,
     k: Tensor,
@@ -144,8 +160,43 @@ def sbm_attention(
         ``(out, stats)``: ``out`` ``(B, H, N, Dv)`` in the dtype of q and :class:`SBMStats`.
         bfloat16/float16 inputs are computed in float32.
     """
+    return attend(
+        q, k, v, Y, Z, B, graph=graph, key_padding_mask=key_padding_mask,
+        exploration=exploration, causal=causal, dropout_p=dropout_p, backend=backend,
+        generator=generator, scale=scale, max_edges=max_edges,
+    )  # fmt: skip
+
+
+def attend(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    Y: Tensor,
+    Z: Tensor,
+    B: Tensor,
+    *,
+    graph: Graph | None = None,
+    key_padding_mask: Tensor | None = None,
+    exploration: float = 0.01,
+    causal: bool = False,
+    dropout_p: float = 0.0,
+    backend: str = "auto",
+    generator: torch.Generator | None = None,
+    scale: float | None = None,
+    max_edges: int | None = None,
+    inputs: MembershipInputs | None = None,
+) -> tuple[Tensor, SBMStats]:
+    """:func:`sbm_attention`, optionally told what the memberships are made of.
+
+    With ``inputs`` (``Y = sigmoid(inputs.query_features @ inputs.clusters^T)``, Z likewise;
+    Y and Z given without gradients), the gradients go to the inputs instead of Y and Z, and the
+    sparse backend computes them without the (B, H, L, K) gradient tensors of Y and Z. This is
+    how :class:`~sbm_transformer.SBMAttention` calls it.
+    """
     _check_qkv(q, k, v)
     _check_memberships(q, k, Y, Z)
+    if inputs is not None:
+        _check_inputs(q, k, Y, inputs)
     Bx = _check_sbm_inputs(Y, Z, B, exploration, key_padding_mask, causal)
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
@@ -181,6 +232,14 @@ def sbm_attention(
 
     if backend == "auto":
         backend = "dense" if bsz * heads * n * m <= AUTO_DENSE_MAX_PAIRS else "sparse"
+    feats = None
+    if inputs is not None:
+        clusters_t = inputs.clusters.to(work).transpose(-1, -2)
+        fq, fk = inputs.query_features.to(work), inputs.key_features.to(work)
+        if backend == "dense":  # the reference: plain autograd from the inputs
+            Yw, Zw = torch.sigmoid(fq @ clusters_t), torch.sigmoid(fk @ clusters_t)
+        else:
+            feats = MembershipInputs(fq, fk, inputs.clusters.to(work))
     if backend == "dense":
         mask = graph.to_dense()
         lam = Yw @ Bw @ Zw.transpose(-1, -2)  # (B, H, N, M)
@@ -191,7 +250,8 @@ def sbm_attention(
     else:
         kernels = get_kernels(backend.removeprefix("sparse-") if "-" in backend else "auto", q)
         out, per_head = sbm_edge_attention(
-            qw, kw, vw, Yw, Zw, Bw, graph, scale=scale, kernels=kernels, drop=dropw
-        )
+            qw, kw, vw, Yw, Zw, Bw, graph, scale=scale, kernels=kernels, drop=dropw,
+            inputs=feats,
+        )  # fmt: skip
     density = per_head.sum(0) / max(bsz * n * m, 1)
     return out.to(q.dtype), SBMStats(density=density, graph=graph)

@@ -313,6 +313,10 @@ def backward_rows(
                     e = _edge(order, p)
                     gp = _dot(g, r, v, base + col[e], zero)
                     _edge_grad(e, gp, pi, drop, has_drop, rs_r, tpos, w, w_t)
+        for t in range(num_tiles):
+            for r in prange(first, last):
+                st, en = ptr[t, r], ptr[t + 1, r]
+                base = (r // n) * m
                 pos = st
                 while pos + _UNROLL <= en:
                     e0, e1 = _edge(order, pos), _edge(order, pos + 1)

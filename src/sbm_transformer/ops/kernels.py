@@ -228,7 +228,8 @@ class NumbaKernels:
         gq = torch.empty_like(q)
         w = scratch("edge_weights", (e,), dtype)  # per edge, by query: t
         w_t = scratch("edge_weights_t", (e, 2), dtype)  # by key: t, pi * drop
-        ptr, order = _row_tiles(graph, _num_tiles(m * (k.shape[1] + v.shape[1]) * item, per_query))
+        width = max(k.shape[1], v.shape[1]) * item  # k and v are gathered in separate passes
+        ptr, order = _row_tiles(graph, _num_tiles(m * width, per_query))
         nk.backward_rows(
             ptr, order, col, _np(t.tpos), _np(k), _np(v), drop_np, _np(softmax), _np(out), g,
             scale, n, m, gq.numpy(), w, w_t, scratch("row_scratch", (q.shape[0],), dtype),

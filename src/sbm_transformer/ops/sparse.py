@@ -3,7 +3,10 @@
 The straight-through estimator lives inside the op. The forward pass only needs the sampled
 edges, never ``lambda_e = Y_i B Z_j^T``; backward turns the gradient of each edge's 0/1
 indicator into the gradient of ``lambda_e`` (hardtanh, as in the original code) and pushes it
-into Y, Z and B with two sparse products fused into the attention backward passes.
+into Y, Z and B with two sparse products fused into the attention backward passes. Given what
+the memberships are made of (:class:`~sbm_transformer.ops.memberships.MembershipInputs`, as
+:class:`~sbm_transformer.SBMAttention` does), it continues through the sigmoid to the node
+features and cluster embeddings without materialising the gradients of Y and Z.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from torch import Tensor
 
 from sbm_transformer.graph import Graph
 from sbm_transformer.ops.kernels import Kernels, Memberships
+from sbm_transformer.ops.memberships import MembershipInputs, sigmoid_membership_grads
 
 
 class _SBMEdgeAttention(torch.autograd.Function):
@@ -27,6 +31,9 @@ class _SBMEdgeAttention(torch.autograd.Function):
         Y: Tensor,
         Z: Tensor,
         Bx: Tensor,
+        fq: Tensor | None,
+        fk: Tensor | None,
+        clusters: Tensor | None,
         graph: Graph,
         drop: Tensor | None,
         scale: float,
@@ -38,18 +45,18 @@ class _SBMEdgeAttention(torch.autograd.Function):
         kf = k.reshape(bsz * heads * m, d).contiguous()
         vf = v.reshape(bsz * heads * m, dv).contiguous()
         out, softmax = kernels.forward(graph, qf, kf, vf, drop, scale)
-        ctx.save_for_backward(qf, kf, vf, Y, Z, Bx, softmax, out, drop)
+        ctx.save_for_backward(qf, kf, vf, Y, Z, Bx, softmax, out, drop, fq, fk, clusters)
         ctx.graph, ctx.scale, ctx.kernels = graph, scale, kernels
         counts = graph.edges_per_head().to(q.dtype)  # (B, H)
         return out.reshape(bsz, heads, n, dv), counts
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor, grad_counts: Tensor) -> tuple[Tensor | None, ...]:
-        qf, kf, vf, Y, Z, Bx, softmax, out, drop = ctx.saved_tensors
+        qf, kf, vf, Y, Z, Bx, softmax, out, drop, fq, fk, clusters = ctx.saved_tensors
         graph: Graph = ctx.graph
         bsz, heads, n, k = Y.shape
         m, p = Z.shape[2], bsz * heads
-        need_ste = any(ctx.needs_input_grad[3:6])
+        need_ste = any(ctx.needs_input_grad[3:9])
         ste = None
         if need_ste:
             g_pair = grad_counts.reshape(p) if grad_counts is not None else Y.new_zeros(p)
@@ -63,16 +70,38 @@ class _SBMEdgeAttention(torch.autograd.Function):
         gq = grads.q.reshape(bsz, heads, n, -1)
         gk = grads.k.reshape(bsz, heads, m, -1)
         gv = grads.v.reshape(bsz, heads, m, -1)
-        gY = gZ = gB = None
-        if need_ste:
+        gY = gZ = gB = gfq = gfk = gC = None
+        if ste is not None:
             assert grads.gz is not None and grads.gy is not None
             GZ = grads.gz.reshape(p, n, k)  # sum_j G_ij Z_j
             GY = grads.gy.reshape(p, m, k)  # sum_i G_ij Y_i
             Bp = Bx.reshape(p, k, k)
-            gY = (GZ @ Bp.transpose(1, 2)).reshape(Y.shape)  # lambda_ij = Y_i B Z_j^T
-            gZ = (GY @ Bp).reshape(Z.shape)
-            gB = (Y.reshape(p, n, k).transpose(1, 2) @ GZ).reshape(Bx.shape)
-        return gq, gk, gv, gY, gZ, gB, None, None, None, None
+            if fq is None:
+                gY = (GZ @ Bp.transpose(1, 2)).reshape(Y.shape)  # lambda_ij = Y_i B Z_j^T
+                gZ = (GY @ Bp).reshape(Z.shape)
+                gB = (Y.reshape(p, n, k).transpose(1, 2) @ GZ).reshape(Bx.shape)
+            else:
+                gfq, gfk, gC, gB = _feature_grads(GZ, GY, Bp, ste, fq, fk, clusters)
+                gB = gB.reshape(Bx.shape)
+        return gq, gk, gv, gY, gZ, gB, gfq, gfk, gC, None, None, None, None
+
+
+def _feature_grads(
+    GZ: Tensor, GY: Tensor, Bp: Tensor, ste: Memberships, fq: Tensor, fk: Tensor, clusters: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Gradients of the query and key features, the clusters and B (stacked ``(P, K, K)``)."""
+    bsz, heads, n, d = fq.shape
+    m, p, k = fk.shape[2], GZ.shape[0], GZ.shape[2]
+    centers = clusters.expand(bsz, heads, k, d).reshape(p, k, d)
+    grad_centers = centers.new_zeros(p, k, d)
+    grad_blocks = Bp.new_zeros(p, k, k)
+    y, z = ste.y.view(p, n, k), ste.z.view(p, m, k)
+    gfq = sigmoid_membership_grads(
+        GZ, Bp.transpose(1, 2), y, fq.reshape(p, n, d), centers, grad_centers, grad_blocks
+    )
+    gfk = sigmoid_membership_grads(GY, Bp, z, fk.reshape(p, m, d), centers, grad_centers)
+    gC = grad_centers.reshape(bsz, heads, k, d).sum(0)
+    return gfq.reshape(fq.shape), gfk.reshape(fk.shape), gC, grad_blocks
 
 
 def sbm_edge_attention(
@@ -87,6 +116,7 @@ def sbm_edge_attention(
     scale: float,
     kernels: Kernels,
     drop: Tensor | None = None,
+    inputs: MembershipInputs | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Softmax attention along the edges of ``graph``, with the SBM straight-through estimator.
 
@@ -102,13 +132,21 @@ def sbm_edge_attention(
         scale: score scale.
         kernels: implementation (see :func:`~sbm_transformer.ops.kernels.get_kernels`).
         drop: optional ``(E,)`` dropout factors (0 or 1 / (1 - p)), applied after normalisation.
+        inputs: what Y and Z are made of (``Y = sigmoid(query_features @ clusters^T)``); Y and Z
+            then must not require gradients: theirs go to the inputs instead.
 
     Returns:
         ``out`` ``(B, H, N, Dv)`` and the edge count of each (batch, head) pair ``(B, H)`` (float,
         differentiable through the estimator: its gradient adds to every edge of the pair).
     """
+    fq, fk, clusters = inputs if inputs is not None else (None, None, None)
+    if inputs is not None and (Y.requires_grad or Z.requires_grad):
+        raise ValueError("Y and Z must not require gradients when their inputs are given")
     if graph.num_edges == 0:  # nothing to attend to: zeros, and zero gradients for every input
-        zero = sum(t.sum() for t in (q, k, v, Y, Z, Bx)) * 0.0
+        given = [t for t in (q, k, v, Y, Z, Bx, fq, fk, clusters) if t is not None]
+        zero = sum(t.sum() for t in given) * 0.0
         b, h, n, _ = q.shape
         return q.new_zeros(b, h, n, v.shape[3]) + zero, q.new_zeros(b, h) + zero
-    return _SBMEdgeAttention.apply(q, k, v, Y, Z, Bx, graph, drop, scale, kernels)
+    return _SBMEdgeAttention.apply(
+        q, k, v, Y, Z, Bx, fq, fk, clusters, graph, drop, scale, kernels
+    )  # fmt: skip
