@@ -19,7 +19,7 @@ from sbm_transformer.ops.reference import dense_edge_attention, dense_indicator
 from sbm_transformer.ops.sparse import sbm_edge_attention
 from sbm_transformer.sampling import _check_sbm_inputs, sample_graph
 
-__all__ = ["BACKENDS", "SBMStats", "attend", "sbm_attention"]
+__all__ = ["BACKENDS", "MembershipInputs", "SBMStats", "attend", "sbm_attention"]
 
 #: Accepted values of ``backend``. ``"sparse"`` picks the fastest sparse kernels for the device
 #: (numba on CPU when installed, torch.sparse otherwise); ``"sparse-torch"``/``"sparse-numba"``
