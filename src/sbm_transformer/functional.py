@@ -98,7 +98,9 @@ def _check_memberships(q: Tensor, k: Tensor, Y: Tensor, Z: Tensor) -> None:
         raise ValueError(f"Y, Z and B must be on the device of q ({q.device}), got {Y.device}")
 
 
-def _check_inputs(q: Tensor, k: Tensor, Y: Tensor, inputs: MembershipInputs) -> None:
+def _check_inputs(k: Tensor, Y: Tensor, Z: Tensor, inputs: MembershipInputs) -> None:
+    if Y.requires_grad or Z.requires_grad:
+        raise ValueError("Y and Z must not require gradients when their inputs are given")
     fq, fk, clusters = inputs
     b, h, n, kk = Y.shape
     if clusters.dim() != 3 or clusters.shape[0] != h or clusters.shape[1] != kk:
@@ -196,7 +198,7 @@ def attend(
     _check_qkv(q, k, v)
     _check_memberships(q, k, Y, Z)
     if inputs is not None:
-        _check_inputs(q, k, Y, inputs)
+        _check_inputs(k, Y, Z, inputs)
     Bx = _check_sbm_inputs(Y, Z, B, exploration, key_padding_mask, causal)
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
@@ -234,12 +236,12 @@ def attend(
         backend = "dense" if bsz * heads * n * m <= AUTO_DENSE_MAX_PAIRS else "sparse"
     feats = None
     if inputs is not None:
-        clusters_t = inputs.clusters.to(work).transpose(-1, -2)
-        fq, fk = inputs.query_features.to(work), inputs.key_features.to(work)
+        feats = MembershipInputs(*(t.to(work) for t in inputs))
         if backend == "dense":  # the reference: plain autograd from the inputs
-            Yw, Zw = torch.sigmoid(fq @ clusters_t), torch.sigmoid(fk @ clusters_t)
-        else:
-            feats = MembershipInputs(fq, fk, inputs.clusters.to(work))
+            centers = feats.clusters.transpose(-1, -2)
+            Yw = torch.sigmoid(feats.query_features @ centers)
+            Zw = torch.sigmoid(feats.key_features @ centers)
+            feats = None
     if backend == "dense":
         mask = graph.to_dense()
         lam = Yw @ Bw @ Zw.transpose(-1, -2)  # (B, H, N, M)
