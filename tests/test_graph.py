@@ -105,3 +105,28 @@ def test_repr_and_to() -> None:
     graph = Graph.from_dense(random_mask(1, 2, 3, 4))
     assert "num_edges" in repr(graph) and "B=1" in repr(graph)
     assert graph.to("cpu") is graph
+
+
+@pytest.mark.parametrize("keys_at_a_time", [1 << 12, 1 << 13, 1 << 14])
+def test_transpose_by_key_tiles_matches_one_pass(
+    keys_at_a_time: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A sampled graph says where each row's 4096-key tiles start; the numba transpose then
+    places the edges a group of key tiles at a time (1, 2 or 4 tiles here, the last group
+    short): the same arrays as placing them all at once, query-tile pointers included."""
+    from sbm_transformer import graph as graph_module
+    from sbm_transformer._numba import numba_enabled
+
+    if not numba_enabled():
+        pytest.skip("numba not installed")
+    n, m, k = (1 << 12) + 700, 3 * (1 << 12) + 5, 3  # two query tiles, four key tiles
+    gen = torch.Generator().manual_seed(0)
+    Y, Z = torch.rand(1, 2, n, k, generator=gen), torch.rand(1, 2, m, k, generator=gen)
+    B = torch.full((2, k, k), 0.002)
+    sampled = sample_graph(Y, Z, B, exploration=0.001, generator=torch.Generator().manual_seed(1))
+    assert sampled.tile_pointers is not None and sampled.num_edges > 10 * n
+    plain = Graph(sampled.crow_indices, sampled.col_indices, sampled.shape)  # no tile pointers
+    monkeypatch.setattr(graph_module, "_TRANSPOSE_KEYS", keys_at_a_time)
+    a, b = sampled.transpose(), plain.transpose()
+    for name in ("ccol_indices", "row_indices", "tpos", "tile_pointers"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name

@@ -10,6 +10,7 @@ leaves them in draw order, which the kernels do not care about); :meth:`Graph.so
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -353,15 +354,26 @@ class Graph:
             raise ValueError("graph has edges to future keys (j > i) but causal=True")
 
 
+#: The numba transpose places the edges of this many key columns at a time (its column cursors
+#: then stay in the per-core cache), when the graph says where each row's key tiles start.
+_TRANSPOSE_KEYS = 1 << 14
+
+
 def _transpose(graph: Graph) -> TransposedGraph:
     b, h, n, m = graph.shape
     idt = graph.col_indices.dtype
     if graph.num_edges and use_numba(graph.col_indices):
         from sbm_transformer.ops import _numba_kernels as nk
 
+        crow = graph.crow_indices.numpy()
+        if graph.tile_shift is not None and graph.tile_pointers is not None:
+            kptr, key_shift = graph.tile_pointers.numpy(), graph.tile_shift
+        else:
+            kptr, key_shift = np.stack([crow[:-1], crow[1:]]), 62  # one key tile
         ccol, rows, tpos, ptr = nk.transpose(
-            graph.crow_indices.numpy(), graph.col_indices.numpy(), b * h, n, m, TILE_SHIFT
-        )
+            crow, graph.col_indices.numpy(), kptr, key_shift,
+            max(1, _TRANSPOSE_KEYS >> key_shift), b * h, n, m, TILE_SHIFT,
+        )  # fmt: skip
         return TransposedGraph(
             torch.from_numpy(ccol), torch.from_numpy(rows), torch.from_numpy(tpos),
             tile_pointers=torch.from_numpy(ptr) if ptr.shape[0] else None,

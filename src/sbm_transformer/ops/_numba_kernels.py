@@ -88,7 +88,7 @@ def _prefetch_row(typingctx, array, row):  # pragma: no cover - code generation
 
 
 @njit(parallel=True, cache=True)
-def transpose(crow, col, num_pairs, n, m, shift):  # pragma: no cover
+def transpose(crow, col, kptr, key_shift, group, num_pairs, n, m, shift):  # pragma: no cover
     """Counting sort of the edges by stacked key column; rows stay ascending within a column.
 
     Returns ``ccol`` (P*M + 1,), ``rows`` (E,) local query per by-key position, ``tpos`` (E,)
@@ -96,9 +96,16 @@ def transpose(crow, col, num_pairs, n, m, shift):  # pragma: no cover
     query tile t (queries ``t * 2^shift`` on) start, T = ceil(N / 2^shift); (0, P*M) when T is 1.
     The queries are visited in order, so at each tile's first query the column cursors are
     exactly those starts: a copy of M cursors per tile instead of a pass over the edges.
+
+    ``kptr`` (KT + 1, P*N) holds where each row's keys of tile ``kt`` (keys ``kt * 2^key_shift``
+    on) start, the rows' keys grouped by those tiles (``[crow[:-1], crow[1:]]`` and a
+    ``key_shift`` above log2(M) for one tile). The edges are placed ``group`` key tiles at a
+    time, so the column cursors being written stay in cache (at N = 64k, 128 edges per query,
+    groups of 16k columns measured 0.82-0.85x the time of all 64k at once).
     """
     num_edges = col.shape[0]
     num_tiles = -(-n >> shift)
+    num_key_tiles = kptr.shape[0] - 1
     counts = np.zeros(num_pairs * m + 1, np.int64)
     for p in prange(num_pairs):
         for e in range(crow[p * n], crow[(p + 1) * n]):
@@ -110,16 +117,19 @@ def transpose(crow, col, num_pairs, n, m, shift):  # pragma: no cover
     mask = (1 << shift) - 1
     for p in prange(num_pairs):
         cursor = ccol[p * m : (p + 1) * m].copy()
-        for i in range(n):
-            if num_tiles > 1 and (i & mask) == 0:
-                ptr[i >> shift, p * m : (p + 1) * m] = cursor
-            r = p * n + i
-            for e in range(crow[r], crow[r + 1]):
-                c = col[e]
-                t = cursor[c]
-                cursor[c] = t + 1
-                tpos[e] = t
-                rows[t] = i
+        for g0 in range(0, num_key_tiles, group):
+            g1 = min(num_key_tiles, g0 + group)
+            c0, c1 = min(m, g0 << key_shift), min(m, g1 << key_shift)
+            for i in range(n):
+                if num_tiles > 1 and (i & mask) == 0:
+                    ptr[i >> shift, p * m + c0 : p * m + c1] = cursor[c0:c1]
+                r = p * n + i
+                for e in range(kptr[g0, r], kptr[g1, r]):
+                    c = col[e]
+                    t = cursor[c]
+                    cursor[c] = t + 1
+                    tpos[e] = t
+                    rows[t] = i
         if num_tiles > 1:
             ptr[num_tiles, p * m : (p + 1) * m] = ccol[p * m + 1 : (p + 1) * m + 1]
     return ccol, rows, tpos, ptr
@@ -394,7 +404,9 @@ def ste_spmm(ptr, order, idx, vals, g_pair, x, n_self, n_other, out):  # pragma:
     Row ``r`` belongs to pair ``r // n_self``; its edge e points at row
     ``(r // n_self) * n_other + idx[e]`` of ``x``. The same kernel serves the graph (rows are
     queries, x the key memberships) and its transpose (rows are keys, ``vals`` in by-key order).
-    The gathered rows are prefetched a few edges ahead.
+    The gathered rows are prefetched a few edges ahead, and the next row's first ones at the
+    start of a row (tile passes leave rows ~16 edges per tile: without it, half of them were
+    never prefetched; backward 0.96x at N = 64k, 32 and 128 edges per query).
     """
     num_rows, f = out.shape
     num_tiles = ptr.shape[0] - 1
@@ -411,6 +423,11 @@ def ste_spmm(ptr, order, idx, vals, g_pair, x, n_self, n_other, out):  # pragma:
                 base = (r // n_self) * n_other
                 shift = g_pair[r // n_self]
                 st, en = ptr[t, r], ptr[t + 1, r]
+                if r + 1 < last:  # the next row's first gathers (its own loop cannot)
+                    nb = ((r + 1) // n_self) * n_other
+                    a0 = ptr[t, r + 1]
+                    for a in range(a0, min(ptr[t + 1, r + 1], a0 + _PREFETCH_DISTANCE)):
+                        _prefetch_row(x, nb + idx[_edge(order, a)])  # type: ignore[call-arg]
                 pos = st
                 while pos + _UNROLL <= en:
                     for a in range(_UNROLL):
