@@ -358,7 +358,8 @@ def _edge_grad(e, gp, pi, drop, has_drop, rs_r, tpos, w, w_t):  # pragma: no cov
 @njit(parallel=True, cache=True, fastmath=_FASTMATH)
 def backward_cols(cptr, trow, q, g, w_t, scale, n, m, gk, gv):  # pragma: no cover
     """By-key pass of backward over the transposed graph (its rows ascending: grouped by tile):
-    ``gk_c = scale sum_t w_t[t, 0] q_i``, ``gv_c = sum_t w_t[t, 1] g_i``."""
+    ``gk_c = scale sum_t w_t[t, 0] q_i``, then ``gv_c = sum_t w_t[t, 1] g_i``, each in its own
+    tile passes over one table (like :func:`backward_rows`)."""
     num_cols, dim = gk.shape
     dim_v = gv.shape[1]
     num_tiles = cptr.shape[0] - 1
@@ -374,9 +375,11 @@ def backward_cols(cptr, trow, q, g, w_t, scale, n, m, gk, gv):  # pragma: no cov
         for tile in range(num_tiles):
             for c in prange(first, last):
                 st, en = cptr[tile, c], cptr[tile + 1, c]
-                rbase = (c // m) * n
-                _axpy_rows(gk, c, q, w_t, 0, trow, rbase, st, en)
-                _axpy_rows(gv, c, g, w_t, 1, trow, rbase, st, en)
+                _axpy_rows(gk, c, q, w_t, 0, trow, (c // m) * n, st, en)
+        for tile in range(num_tiles):
+            for c in prange(first, last):
+                st, en = cptr[tile, c], cptr[tile + 1, c]
+                _axpy_rows(gv, c, g, w_t, 1, trow, (c // m) * n, st, en)
         for c in prange(first, last):
             for d in range(dim):
                 gk[c, d] *= sc

@@ -235,7 +235,7 @@ class NumbaKernels:
             scale, n, m, gq.numpy(), w, w_t, scratch("row_scratch", (q.shape[0],), dtype),
         )  # fmt: skip
         gk, gv = torch.empty_like(k), torch.empty_like(v)
-        cptr = _col_tiles(graph, _num_tiles(n * (q.shape[1] + g.shape[1]) * item, per_key))
+        cptr = _col_tiles(graph, _num_tiles(n * max(q.shape[1], g.shape[1]) * item, per_key))
         nk.backward_cols(cptr, trow, _np(q), g, w_t, scale, n, m, gk.numpy(), gv.numpy())
         if ste is None:
             return Grads(gq, gk, gv, None, None)
