@@ -260,6 +260,7 @@ def test_tiled_kernels_match(monkeypatch: pytest.MonkeyPatch, graph_kind: str) -
         graph = Graph(graph.crow_indices, graph.col_indices[order], graph.shape)
     want = run(inputs, graph, "dense", key_padding_mask=mask)
     monkeypatch.setattr(kernels, "_TILE_BYTES", 4 * 8 * 4)  # a few rows of float64 per tile
+    monkeypatch.setattr(kernels, "_WIDE_TILE_BYTES", 4 * 8 * 4)
     monkeypatch.setattr(kernels, "_MIN_EDGES_PER_TILE", 0)
     got = run(inputs, graph, "sparse-numba", key_padding_mask=mask)
     assert_close_all(got, want)
@@ -282,6 +283,7 @@ def test_unrolled_edge_loops_match(monkeypatch: pytest.MonkeyPatch, tiled: bool,
     graph = Graph.from_dense(dense.expand(b, h, n, m))
     if tiled:
         monkeypatch.setattr(kernels, "_TILE_BYTES", 8 * 6 * 8)  # 8 keys of float64 per tile
+        monkeypatch.setattr(kernels, "_WIDE_TILE_BYTES", 8 * 6 * 8)
         monkeypatch.setattr(kernels, "_MIN_EDGES_PER_TILE", 0)
     kw = dict(dropout_p=dropout_p)
     want = run(inputs, graph, "dense", generator=torch.Generator().manual_seed(3), **kw)

@@ -243,10 +243,10 @@ class NumbaKernels:
         # (B*H*N, K) products consumed within the caller's backward: reused scratch, not fresh
         # memory paid for in page faults at every call.
         gz = scratch("ste_gz", (q.shape[0], z.shape[1]), dtype)
-        ptr, order = _row_tiles(graph, _num_tiles(m * z.shape[1] * item, per_query))
+        ptr, order = _row_tiles(graph, _num_tiles(m * z.shape[1] * item, per_query, wide=True))
         nk.ste_spmm(ptr, order, col, w.reshape(e, 1), g_pair, z, n, m, gz)
         gy = scratch("ste_gy", (k.shape[0], y.shape[1]), dtype)
-        cptr = _col_tiles(graph, _num_tiles(n * y.shape[1] * item, per_key))
+        cptr = _col_tiles(graph, _num_tiles(n * y.shape[1] * item, per_key, wide=True))
         nk.ste_spmm(cptr, trow[:0], trow, w_t, g_pair, y, m, n, gy)
         return Grads(gq, gk, gv, torch.from_numpy(gz), torch.from_numpy(gy))
 
@@ -261,13 +261,20 @@ _TILE_BYTES = 4 << 20
 #: query: 16 measured 0.86-0.91x the time of 2 (16 tiles instead of 2); no clear difference at
 #: N = 16k or at 128 edges per query.
 _MIN_EDGES_PER_TILE = 16
+#: The membership products gather and accumulate K-wide rows: every tile pass reads and writes
+#: each row's accumulator (512 bytes at K = 128) again, so they take fewer, larger tiles
+#: (8 MiB: backward 0.965x the time of 4 MiB at N = 64k, 128 edges per query; whole step
+#: 0.93-0.97x; N = 16k and 32 edges per query unchanged within noise).
+_WIDE_TILE_BYTES = 8 << 20
 
 
-def _num_tiles(pair_bytes: float, edges_per_row: float) -> int:
-    """Tiles (a power of two) that bring one pair's table under ``_TILE_BYTES``, fewer if rows
-    would keep fewer than ``_MIN_EDGES_PER_TILE`` edges per tile."""
+def _num_tiles(pair_bytes: float, edges_per_row: float, *, wide: bool = False) -> int:
+    """Tiles (a power of two) that bring one pair's table under ``_TILE_BYTES`` (``wide``:
+    ``_WIDE_TILE_BYTES``), fewer if rows would keep fewer than ``_MIN_EDGES_PER_TILE`` edges per
+    tile."""
+    limit = _WIDE_TILE_BYTES if wide else _TILE_BYTES
     tiles = 1
-    while pair_bytes / tiles > _TILE_BYTES:
+    while pair_bytes / tiles > limit:
         tiles *= 2
     while tiles > 1 and edges_per_row / tiles < _MIN_EDGES_PER_TILE:
         tiles //= 2
