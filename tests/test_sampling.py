@@ -63,6 +63,33 @@ def test_edge_frequencies_match_edge_probability(sampler_impl: str, causal: bool
     assert_matches_probability(freq, prob, 20000)
 
 
+def test_rows_of_later_chunks_match_edge_probability(sampler_impl: str) -> None:
+    # 520 queries: the numba sampler counts and assigns draws in chunks of 256 rows per pair,
+    # each chunk starting at its own place in every component's run of draws.
+    Y, Z, B = sbm_inputs(1, 1, 520, 4, 3, seed=9, scale=2.5)
+    mask = torch.zeros(1, 4, dtype=torch.bool)
+    mask[0, 1] = True
+    kw = dict(exploration=0.05, key_padding_mask=mask)
+    prob = edge_probability(Y, Z, B, **kw)[0]
+    freq = empirical_frequency(Y, Z, B, copies=100, rounds=20, seed=13, **kw)
+    assert_matches_probability(freq, prob, 2000)
+
+
+def test_rows_draw_independent_keys(sampler_impl: str) -> None:
+    # Identical rows, ~8 edges each among 4096 keys: rows 256 apart (another chunk of the numba
+    # sampler) share a key by chance only (~0.016 expected per pair of rows), never by reusing
+    # each other's draws.
+    n, m = 1024, 4096
+    Y = torch.full((1, 1, n, 2), 0.5)
+    Z = torch.full((1, 1, m, 2), 0.5)
+    B = torch.full((1, 2, 2), 8 / m)
+    graph = sample_graph(Y, Z, B, generator=torch.Generator().manual_seed(3))
+    dense = graph.to_dense()[0, 0]
+    assert 6 * n < graph.num_edges < 10 * n
+    shared = sum(int((dense[:-step] & dense[step:]).sum()) for step in (256, 512))
+    assert shared < 60, f"{shared} keys shared by rows 256 or 512 apart (~20 expected)"
+
+
 def test_large_rates_use_the_exact_large_mean_poisson(sampler_impl: str) -> None:
     # Per (query, cluster) rates of ~50: the sampler's PTRS branch, not the small-rate inversion.
     Y, _, B = sbm_inputs(1, 1, 3, 300, 2, seed=2, scale=0.9)
