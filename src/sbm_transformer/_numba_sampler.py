@@ -411,11 +411,9 @@ def _fill(
     """Draw every component's keys, one component after the other (not causal).
 
     Component b of pair p draws its ``stage_start[tb + 1] - stage_start[tb]`` keys
-    (``tb = p*(K+1) + b``) i.i.d. into that run of ``stage``, sequentially: the rows they
-    belong to are :func:`_merge_dedup`'s business. (Drawing them straight into their rows
-    wrote one key per row and component, scattered over the whole draw array: each write
-    missed the cache once the array outgrew it.) Component ``K`` is the exploration layer,
-    uniform over the visible keys (the same for every row when not causal).
+    (``tb = p*(K+1) + b``) i.i.d. into that run of ``stage``, sequentially; :func:`_merge_dedup`
+    gives them to their rows. Component ``K`` is the exploration layer, uniform over the
+    visible keys (the same for every row when not causal).
     """
     num_pairs = zt.shape[0]
     k = zt.shape[1]
