@@ -430,6 +430,10 @@ def _axpy_rows(out, c, x, w_t, which, trow, rbase, st, en):  # pragma: no cover
         _axpy(out, c, x, w_t[u, which], rbase + trow[u])
 
 
+#: Rows ahead whose sums the membership products' later tile passes prefetch.
+_ACC_AHEAD = 2
+
+
 @njit(parallel=True, cache=True, fastmath=_FASTMATH)
 def ste_spmm(ptr, order, idx, vals, g_pair, x, n_self, n_other, out):  # pragma: no cover
     """``out_r = sum over edges e of row r of G_e x[other-side row of e]``, by tile, with the
@@ -441,6 +445,12 @@ def ste_spmm(ptr, order, idx, vals, g_pair, x, n_self, n_other, out):  # pragma:
     The gathered rows are prefetched a few edges ahead, and the next row's first ones at the
     start of a row (tile passes leave rows ~16 edges per tile: without it, half of them were
     never prefetched; backward 0.96x at N = 64k, 32 and 128 edges per query).
+
+    Each later tile pass reads every row's K-wide sum again (at N = 64k, 128 edges per query,
+    those reads and writes are ~1/6 of the time): the first pass zeroes a row right before
+    adding to it, instead of a separate pass over ``out`` (0.88-0.98x the time at N = 16k), and
+    later passes prefetch the sums ``_ACC_AHEAD`` rows ahead (0.95x at N = 64k, 128 edges per
+    query; both over 21 alternating rounds on synthetic graphs).
     """
     num_rows, f = out.shape
     num_tiles = ptr.shape[0] - 1
@@ -449,11 +459,13 @@ def ste_spmm(ptr, order, idx, vals, g_pair, x, n_self, n_other, out):  # pragma:
     step = _pair_group(n_self)
     for first in range(0, num_rows, step):
         last = min(num_rows, first + step)
-        for r in prange(first, last):
-            for d in range(f):
-                out[r, d] = zero
         for t in range(num_tiles):
             for r in prange(first, last):
+                if t == 0:
+                    for d in range(f):
+                        out[r, d] = zero
+                elif r + _ACC_AHEAD < last:
+                    _prefetch_row(out, r + _ACC_AHEAD)  # type: ignore[call-arg]
                 base = (r // n_self) * n_other
                 shift = g_pair[r // n_self]
                 st, en = ptr[t, r], ptr[t + 1, r]
