@@ -262,10 +262,13 @@ def test_tiled_kernels_match(monkeypatch: pytest.MonkeyPatch, graph_kind: str) -
     monkeypatch.setattr(kernels, "_TILE_BYTES", 4 * 8 * 4)  # a few rows of float64 per tile
     monkeypatch.setattr(kernels, "_WIDE_TILE_BYTES", 4 * 8 * 4)
     monkeypatch.setattr(kernels, "_MIN_EDGES_PER_TILE", 0)
+    monkeypatch.setattr(kernels, "_KEY_SIDE_TILE_ROWS", 8)  # the by-key passes: 5 query tiles
+    monkeypatch.setattr(kernels, "_MIN_EDGES_PER_KEY_TILE", 0)
     got = run(inputs, graph, "sparse-numba", key_padding_mask=mask)
     assert_close_all(got, want)
     shifts = [key[1] for key in graph._cache if isinstance(key, tuple) and key[0] == "row_tiles"]
     assert shifts and min(shifts) < 4  # really tiled
+    assert ("transpose", 3) in graph._cache  # by key too
 
 
 @pytest.mark.skipif("sparse-numba" not in SPARSE_BACKENDS, reason="numba not installed")
@@ -285,6 +288,8 @@ def test_unrolled_edge_loops_match(monkeypatch: pytest.MonkeyPatch, tiled: bool,
         monkeypatch.setattr(kernels, "_TILE_BYTES", 8 * 6 * 8)  # 8 keys of float64 per tile
         monkeypatch.setattr(kernels, "_WIDE_TILE_BYTES", 8 * 6 * 8)
         monkeypatch.setattr(kernels, "_MIN_EDGES_PER_TILE", 0)
+        monkeypatch.setattr(kernels, "_KEY_SIDE_TILE_ROWS", 2)  # 5 tiles of 2 queries by key
+        monkeypatch.setattr(kernels, "_MIN_EDGES_PER_KEY_TILE", 0)
     kw = dict(dropout_p=dropout_p)
     want = run(inputs, graph, "dense", generator=torch.Generator().manual_seed(3), **kw)
     got = run(inputs, graph, "sparse-numba", generator=torch.Generator().manual_seed(3), **kw)
@@ -329,27 +334,13 @@ def test_sampled_keys_are_grouped_by_tile() -> None:
         assert ptr[num].tolist() == crow[1:].tolist()
 
 
-@pytest.mark.skipif("sparse-numba" not in SPARSE_BACKENDS, reason="numba not installed")
-def test_coarse_tile_pointers_derive_from_fine_ones() -> None:
-    """Tile pointers are kept at 4096-row tiles (for a transposed graph, the numba transpose
-    gives them) and coarser ones are taken from them: for the transposed graph (keys' rows by
-    query tile) they match a direct pass."""
-    from sbm_transformer.ops import _numba_kernels as nk
+def test_key_side_tiles() -> None:
+    """The by-key passes take query tiles of 4096 queries or more, as many as leave each key 8
+    edges per tile on average (measured best at N = 16k and 64k, 32 and 128 edges per query)."""
     from sbm_transformer.ops import kernels
 
-    fine = kernels._FINE_SHIFT
-    n, m = 5 * (1 << fine) + 3, 7  # six fine query tiles, the last one nearly empty
-    gen = torch.Generator().manual_seed(0)
-    graph = Graph.from_dense(torch.rand(1, 2, n, m, generator=gen) < 0.3)
-    t = graph.transpose()
-    ccol, trow = t.ccol_indices.numpy(), t.row_indices.numpy()
-    # the transpose's own fine pointers (cursor copies at each query tile) match a pass
-    assert t.tile_pointers is not None
-    np.testing.assert_array_equal(t.tile_pointers.numpy(), nk.tile_pointers(ccol, trow, fine, 6))
-    for tiles in (8, 4, 2):
-        shift, num = kernels._tile_shift(n, tiles)
-        assert shift >= fine
-        np.testing.assert_array_equal(
-            kernels._col_tiles(graph, tiles), nk.tile_pointers(ccol, trow, shift, num)
-        )
-    assert ("col_tiles", "fine") in graph._cache
+    assert kernels._key_side_tile_shift(65536, 128.0) == 12  # 16 tiles of 8 edges per key
+    assert kernels._key_side_tile_shift(65536, 32.0) == 14  # 4 tiles
+    assert kernels._key_side_tile_shift(16384, 128.0) == 12  # 4 tiles
+    assert kernels._key_side_tile_shift(16384, 4.0) is None  # one tile
+    assert kernels._key_side_tile_shift(4096, 1000.0) is None

@@ -40,23 +40,42 @@ def test_scatter_dense_is_differentiable() -> None:
 
 
 @pytest.mark.parametrize("impl", ["torch", "numba"])
-def test_transpose_groups_edges_by_key(impl: str, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("tile_shift", [None, 0, 2])
+def test_transpose_groups_edges_by_key(
+    impl: str, tile_shift: int | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """By key, and within a key by query tile (tile-major: tile 0 of every column first):
+    each segment holds exactly its tile's edges of its column, rows ascending."""
     monkeypatch.setenv("SBMT_DISABLE_NUMBA", "1" if impl == "torch" else "0")
     mask = random_mask(2, 2, 9, 11, seed=3)
+    mask[1, 0, :, 4] = False  # a key without edges
     graph = Graph.from_dense(mask)
-    t = graph.transpose()
-    assert isinstance(t, TransposedGraph)
+    t = graph.transpose(tile_shift)
+    assert isinstance(t, TransposedGraph) and t.tile_shift == tile_shift
     b, h, n, m = graph.shape
-    assert torch.equal(t.ccol_indices.diff(), mask.sum(2).reshape(-1))  # in-degree per key
-    assert torch.equal(
-        graph.col_indices[t.perm.long()],
-        torch.repeat_interleave(torch.arange(b * h * m) % m, t.ccol_indices.diff().long()).to(
-            graph.col_indices.dtype
-        ),
-    )
-    assert torch.equal(graph.row_indices()[t.perm.long()] % n, t.row_indices)
+    shift = 62 if tile_shift is None else tile_shift
+    tiles, cols_total = -(-n >> shift), b * h * m
+    ptr = t.ptr.long()
+    assert ptr.shape == (tiles * cols_total + 1,) and ptr[-1] == graph.num_edges
     assert torch.equal(t.perm.sort().values, torch.arange(graph.num_edges, dtype=t.perm.dtype))
-    assert graph.transpose() is t  # cached
+    rows, cols = graph.row_indices()[t.perm.long()], graph.col_indices[t.perm.long()]
+    assert torch.equal(rows % n, t.row_indices.to(rows.dtype))
+    per_pair = mask.reshape(b * h, n, m)
+    for s in range(tiles * cols_total):
+        tile, c = divmod(s, cols_total)
+        seg = slice(int(ptr[s]), int(ptr[s + 1]))
+        r = t.row_indices[seg].long()
+        assert torch.all(cols[seg] == c % m) and torch.all(rows[seg] // n == c // m)
+        assert torch.all(r >> shift == tile) and torch.all(r.diff() > 0)
+        in_tile = (torch.arange(n) >> shift) == tile
+        assert len(r) == int((per_pair[c // m, :, c % m] & in_tile).sum())
+    if tile_shift is None:
+        assert torch.equal(t.ccol_indices.diff(), mask.sum(2).reshape(-1))  # in-degree per key
+    else:
+        with pytest.raises(ValueError, match="one-tile"):
+            t.ccol_indices  # noqa: B018
+    assert graph.transpose(tile_shift) is t  # cached
+    assert graph.transpose(10) is graph.transpose(None)  # a tile as large as N: one tile
 
 
 def test_sorted_keeps_the_edges() -> None:
@@ -113,7 +132,7 @@ def test_transpose_by_key_tiles_matches_one_pass(
 ) -> None:
     """A sampled graph says where each row's 4096-key tiles start; the numba transpose then
     places the edges a group of key tiles at a time (1, 2 or 4 tiles here, the last group
-    short): the same arrays as placing them all at once, query-tile pointers included."""
+    short): the same arrays as placing them all at once, in one query tile or several."""
     from sbm_transformer import graph as graph_module
     from sbm_transformer._numba import numba_enabled
 
@@ -127,6 +146,7 @@ def test_transpose_by_key_tiles_matches_one_pass(
     assert sampled.tile_pointers is not None and sampled.num_edges > 10 * n
     plain = Graph(sampled.crow_indices, sampled.col_indices, sampled.shape)  # no tile pointers
     monkeypatch.setattr(graph_module, "_TRANSPOSE_KEYS", keys_at_a_time)
-    a, b = sampled.transpose(), plain.transpose()
-    for name in ("ccol_indices", "row_indices", "tpos", "tile_pointers"):
-        assert torch.equal(getattr(a, name), getattr(b, name)), name
+    for tile_shift in (None, 12, 11):  # one query tile, two, three
+        a, b = sampled.transpose(tile_shift), plain.transpose(tile_shift)
+        for name in ("ptr", "row_indices", "tpos"):
+            assert torch.equal(getattr(a, name), getattr(b, name)), name

@@ -31,31 +31,42 @@ def index_dtype(*sizes: int) -> torch.dtype:
 
 
 class TransposedGraph:
-    """The edges of a :class:`Graph` grouped by key instead of by query (CSC order).
+    """The edges of a :class:`Graph` grouped by key instead of by query.
+
+    With one query tile (the default) this is CSC order: the edges of key column
+    ``c = (b*H + h)*M + j`` are positions ``ccol_indices[c]:ccol_indices[c+1]``. With query tiles
+    of ``2^tile_shift`` queries the order is tile-major: first every column's edges from query
+    tile 0, column by column, then every column's edges from tile 1, and so on; the edges of
+    column c from tile t are positions ``ptr[t*C + c]:ptr[t*C + c + 1]`` (``C = B*H*M``), so that
+    a pass over one tile reads one contiguous run (the CPU kernels gather tile by tile).
 
     Attributes:
-        ccol_indices: ``(B*H*M + 1,)`` pointers: the edges of key column ``c = (b*H + h)*M + j``
-            are positions ``ccol_indices[c]:ccol_indices[c+1]`` of the two arrays below.
-        row_indices: ``(E,)`` local query index ``i`` of each edge, ascending within a column.
+        ptr: ``(T*B*H*M + 1,)`` segment pointers as above, ``T = ceil(N / 2^tile_shift)``.
+        row_indices: ``(E,)`` local query index ``i`` of each edge, ascending within a segment.
         tpos: ``(E,)`` the by-key position of each edge (indexed by CSR position).
         perm: ``(E,)`` the inverse of ``tpos``: the CSR position of the edge at each by-key
             position (derived on first use; the CPU kernels need ``tpos`` only).
-        tile_pointers: ``(T + 1, B*H*M)`` with ``T = ceil(N / 2^TILE_SHIFT)`` > 1, or None: the
-            edges of column c from query tile t are positions ``tile_pointers[t, c]`` to
-            ``tile_pointers[t + 1, c] - 1`` (given by the numba transpose).
+        tile_shift: log2 of the queries per tile; None for one tile.
     """
 
     def __init__(
         self,
-        ccol_indices: Tensor,
+        ptr: Tensor,
         row_indices: Tensor,
         tpos: Tensor,
         perm: Tensor | None = None,
-        tile_pointers: Tensor | None = None,
+        tile_shift: int | None = None,
     ) -> None:
-        self.ccol_indices, self.row_indices, self.tpos = ccol_indices, row_indices, tpos
+        self.ptr, self.row_indices, self.tpos = ptr, row_indices, tpos
         self._perm = perm
-        self.tile_pointers = tile_pointers
+        self.tile_shift = tile_shift
+
+    @property
+    def ccol_indices(self) -> Tensor:
+        """``(B*H*M + 1,)`` column pointers (CSC order: one query tile only)."""
+        if self.tile_shift is not None:
+            raise ValueError("ccol_indices needs the one-tile transpose (tile_shift=None)")
+        return self.ptr
 
     @property
     def perm(self) -> Tensor:
@@ -281,12 +292,17 @@ class Graph:
         )
 
     # ------------------------------------------------------------- transpose
-    def transpose(self) -> TransposedGraph:
-        """The edges grouped by key (computed once per graph, then cached)."""
-        cached = self._cache.get("transpose")
+    def transpose(self, tile_shift: int | None = None) -> TransposedGraph:
+        """The edges grouped by key, and within each key by query tiles of ``2^tile_shift``
+        queries (None: one tile, CSC order); see :class:`TransposedGraph`. Computed once per
+        graph and tile size, then cached."""
+        if tile_shift is not None and (tile_shift < 0 or (1 << tile_shift) >= self.num_queries):
+            tile_shift = None  # one tile
+        key = ("transpose", tile_shift)
+        cached = self._cache.get(key)
         if cached is None:
-            cached = _transpose(self)
-            self._cache["transpose"] = cached
+            cached = _transpose(self, tile_shift)
+            self._cache[key] = cached
         assert isinstance(cached, TransposedGraph)
         return cached
 
@@ -359,9 +375,10 @@ class Graph:
 _TRANSPOSE_KEYS = 1 << 14
 
 
-def _transpose(graph: Graph) -> TransposedGraph:
+def _transpose(graph: Graph, tile_shift: int | None) -> TransposedGraph:
     b, h, n, m = graph.shape
     idt = graph.col_indices.dtype
+    shift = 62 if tile_shift is None else tile_shift  # every query index >> 62 is 0: one tile
     if graph.num_edges and use_numba(graph.col_indices):
         from sbm_transformer.ops import _numba_kernels as nk
 
@@ -370,24 +387,24 @@ def _transpose(graph: Graph) -> TransposedGraph:
             kptr, key_shift = graph.tile_pointers.numpy(), graph.tile_shift
         else:
             kptr, key_shift = np.stack([crow[:-1], crow[1:]]), 62  # one key tile
-        ccol, rows, tpos, ptr = nk.transpose(
+        ptr, rows, tpos = nk.transpose(
             crow, graph.col_indices.numpy(), kptr, key_shift,
-            max(1, _TRANSPOSE_KEYS >> key_shift), b * h, n, m, TILE_SHIFT,
+            max(1, _TRANSPOSE_KEYS >> key_shift), b * h, n, m, shift,
         )  # fmt: skip
         return TransposedGraph(
-            torch.from_numpy(ccol), torch.from_numpy(rows), torch.from_numpy(tpos),
-            tile_pointers=torch.from_numpy(ptr) if ptr.shape[0] else None,
+            torch.from_numpy(ptr), torch.from_numpy(rows), torch.from_numpy(tpos),
+            tile_shift=tile_shift,
         )  # fmt: skip
-    rows_global = graph.row_indices().long()
-    key = (
-        rows_global // max(n, 1)
-    ) * m + graph.col_indices.long()  # stacked column (b*H + h)*M + j
-    perm = torch.argsort(key, stable=True)  # edges are in row order, so rows stay sorted per column
-    counts = torch.bincount(key, minlength=b * h * m)
-    ccol = torch.zeros(b * h * m + 1, dtype=idt, device=graph.device)
-    ccol[1:] = counts.cumsum(0)
+    rows = graph.row_indices().long()
+    local = rows % max(n, 1)
+    cols = (rows // max(n, 1)) * m + graph.col_indices.long()  # stacked column (b*H + h)*M + j
+    key = (local >> shift) * (b * h * m) + cols  # tile-major: (query tile, column)
+    perm = torch.argsort(key, stable=True)  # edges are in row order: rows stay ascending
+    counts = torch.bincount(key, minlength=(-(-n >> shift) if n else 1) * b * h * m)
+    ptr = torch.zeros(counts.numel() + 1, dtype=idt, device=graph.device)
+    ptr[1:] = counts.cumsum(0)
     tpos = torch.empty_like(perm)
     tpos[perm] = torch.arange(perm.numel(), device=perm.device)
     return TransposedGraph(
-        ccol, (rows_global % max(n, 1))[perm].to(idt), tpos.to(idt), perm.to(idt)
+        ptr, local[perm].to(idt), tpos.to(idt), perm.to(idt), tile_shift=tile_shift
     )

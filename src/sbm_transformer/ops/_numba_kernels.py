@@ -91,13 +91,14 @@ def _prefetch_row(typingctx, array, row):  # pragma: no cover - code generation
 
 @njit(parallel=True, cache=True)
 def transpose(crow, col, kptr, key_shift, group, num_pairs, n, m, shift):  # pragma: no cover
-    """Counting sort of the edges by stacked key column; rows stay ascending within a column.
+    """Counting sort of the edges by (query tile, stacked key column), tile-major; rows stay
+    ascending within each (tile, column) segment.
 
-    Returns ``ccol`` (P*M + 1,), ``rows`` (E,) local query per by-key position, ``tpos`` (E,)
-    the by-key position of each edge, and ``ptr`` (T + 1, P*M): where each column's edges from
-    query tile t (queries ``t * 2^shift`` on) start, T = ceil(N / 2^shift); (0, P*M) when T is 1.
-    The queries are visited in order, so at each tile's first query the column cursors are
-    exactly those starts: a copy of M cursors per tile instead of a pass over the edges.
+    Query tiles hold ``2^shift`` queries (a ``shift`` above log2(N) for one tile: CSC order).
+    Returns ``ptr`` (T*P*M + 1,), the edges of column c from tile t being positions
+    ``ptr[t*P*M + c]`` to ``ptr[t*P*M + c + 1] - 1``; ``rows`` (E,) the local query of each
+    by-key position; ``tpos`` (E,) the by-key position of each edge. The queries are visited in
+    order, so at each tile's first query the column cursors are set to that tile's starts.
 
     ``kptr`` (KT + 1, P*N) holds where each row's keys of tile ``kt`` (keys ``kt * 2^key_shift``
     on) start, the rows' keys grouped by those tiles (``[crow[:-1], crow[1:]]`` and a
@@ -106,25 +107,30 @@ def transpose(crow, col, kptr, key_shift, group, num_pairs, n, m, shift):  # pra
     groups of 16k columns measured 0.82-0.85x the time of all 64k at once).
     """
     num_edges = col.shape[0]
-    num_tiles = -(-n >> shift)
+    num_tiles = -(-n >> shift) if n > 0 else 1
+    num_cols = num_pairs * m
     num_key_tiles = kptr.shape[0] - 1
-    counts = np.zeros(num_pairs * m + 1, np.int64)
+    counts = np.zeros(num_tiles * num_cols + 1, crow.dtype)
     for p in prange(num_pairs):
-        for e in range(crow[p * n], crow[(p + 1) * n]):
-            counts[p * m + col[e] + 1] += 1
-    ccol = np.cumsum(counts).astype(crow.dtype)
+        for i in range(n):
+            at = (i >> shift) * num_cols + p * m + 1
+            for e in range(crow[p * n + i], crow[p * n + i + 1]):
+                counts[at + col[e]] += 1
+    ptr = counts  # prefix sums in place: ptr[x] = edges before segment x
+    for x in range(1, ptr.shape[0]):
+        ptr[x] += ptr[x - 1]
     tpos = np.empty(num_edges, crow.dtype)
     rows = np.empty(num_edges, crow.dtype)
-    ptr = np.empty((num_tiles + 1 if num_tiles > 1 else 0, num_pairs * m), crow.dtype)
     mask = (1 << shift) - 1
     for p in prange(num_pairs):
-        cursor = ccol[p * m : (p + 1) * m].copy()
+        cursor = np.empty(m, crow.dtype)
         for g0 in range(0, num_key_tiles, group):
             g1 = min(num_key_tiles, g0 + group)
             c0, c1 = min(m, g0 << key_shift), min(m, g1 << key_shift)
             for i in range(n):
-                if num_tiles > 1 and (i & mask) == 0:
-                    ptr[i >> shift, p * m + c0 : p * m + c1] = cursor[c0:c1]
+                if (i & mask) == 0:
+                    at = (i >> shift) * num_cols + p * m
+                    cursor[c0:c1] = ptr[at + c0 : at + c1]
                 r = p * n + i
                 for e in range(kptr[g0, r], kptr[g1, r]):
                     c = col[e]
@@ -132,16 +138,17 @@ def transpose(crow, col, kptr, key_shift, group, num_pairs, n, m, shift):  # pra
                     cursor[c] = t + 1
                     tpos[e] = t
                     rows[t] = i
-        if num_tiles > 1:
-            ptr[num_tiles, p * m : (p + 1) * m] = ccol[p * m + 1 : (p + 1) * m + 1]
-    return ccol, rows, tpos, ptr
+    return ptr, rows, tpos
 
 
-# Every kernel below walks the edges of a row tile by tile: ``ptr`` (T + 1, R) holds, for each
-# tile t of the gathered table (rows ``t * 2^shift`` to ``(t + 1) * 2^shift - 1`` of each pair) and
-# row r, the range of r's edges in that tile, in grouped order; ``order`` maps a grouped position
-# to the edge (CSR position), or is empty when the CSR order is already grouped (the sampler
-# groups rows by tile; the transposed graph has rows ascending). One tile (T = 1) is the plain
+# Every kernel below walks the edges of a row tile by tile: for each tile t of the gathered table
+# (rows ``t * 2^shift`` to ``(t + 1) * 2^shift - 1`` of each pair) and row r, ``lo[t, r]`` to
+# ``hi[t, r] - 1`` (both (T, R)) is the range of r's edges in that tile. By query, the edges lie
+# row by row, grouped by tile within each row (``lo, hi = ptr[:-1], ptr[1:]`` of tile pointers
+# (T + 1, R)); ``order`` maps a grouped position to the edge (CSR position), or is empty when
+# the CSR order is already grouped (the sampler groups rows by tile). By key, the transposed
+# graph lies tile by tile (tile-major, see ``transpose``: ``lo, hi = ptr[:-1], ptr[1:]``
+# reshaped (T, R)), so that a tile pass reads one contiguous run. One tile (T = 1) is the plain
 # CSR walk. Large tables are gathered from one cache-sized tile at a time: measured 1.3x (N = 16k)
 # to 2.4x (N = 64k) faster than random gathers over the whole table.
 
@@ -152,13 +159,13 @@ def _edge(order, pos):  # pragma: no cover
 
 
 @njit(inline="always")
-def _prefetch_next(x, ptr, t, r, last, n_self, n_other, order, idx):  # pragma: no cover
+def _prefetch_next(x, lo, hi, t, r, last, n_self, n_other, order, idx):  # pragma: no cover
     """Prefetch the rows of ``x`` that row ``r + 1``'s first edges of tile ``t`` gather (a row's
     own loop prefetches only its later edges)."""
     if r + 1 < last:
         nb = ((r + 1) // n_self) * n_other
-        a0 = ptr[t, r + 1]
-        for a in range(a0, min(ptr[t + 1, r + 1], a0 + _PREFETCH_DISTANCE)):
+        a0 = lo[t, r + 1]
+        for a in range(a0, min(hi[t, r + 1], a0 + _PREFETCH_DISTANCE)):
             _prefetch_row(x, nb + idx[_edge(order, a)])  # type: ignore[call-arg]
 
 
@@ -231,7 +238,7 @@ def _axpy(out, r, x, w, j):  # pragma: no cover
 
 @njit(parallel=True, cache=True, fastmath=_FASTMATH)
 def forward(
-    crow, ptr, order, col, q, k, v, drop, scale, n, m, out, pi, row_max
+    crow, lo, hi, order, col, q, k, v, drop, scale, n, m, out, pi, row_max
 ):  # pragma: no cover
     """``out_r = sum_e pi_e drop_e v_j``, ``pi`` the softmax of ``scale <q_r, k_j>`` over row r.
 
@@ -240,7 +247,7 @@ def forward(
     (tile by tile), the softmax of each row, the weighted sum of values (tile by tile).
     """
     num_rows = q.shape[0]
-    num_tiles = ptr.shape[0] - 1
+    num_tiles = lo.shape[0]
     has_drop = drop.shape[0] > 0
     zero, one = _typed(0.0, q), _typed(1.0, q)
     neg_inf, sc = _typed(-np.inf, q), _typed(scale, q)
@@ -251,8 +258,8 @@ def forward(
             for r in prange(first, last):
                 base = (r // n) * m
                 mx = neg_inf if t == 0 else row_max[r]
-                pos, en = ptr[t, r], ptr[t + 1, r]
-                _prefetch_next(k, ptr, t, r, last, n, m, order, col)
+                pos, en = lo[t, r], hi[t, r]
+                _prefetch_next(k, lo, hi, t, r, last, n, m, order, col)
                 while pos + _UNROLL <= en:
                     _prefetch_ahead(k, base, col, order, pos, en)
                     e0, e1 = _edge(order, pos), _edge(order, pos + 1)
@@ -288,8 +295,8 @@ def forward(
             for r in prange(first, last):
                 _start_row(out, r, t, last)
                 base = (r // n) * m
-                pos, en = ptr[t, r], ptr[t + 1, r]
-                _prefetch_next(v, ptr, t, r, last, n, m, order, col)
+                pos, en = lo[t, r], hi[t, r]
+                _prefetch_next(v, lo, hi, t, r, last, n, m, order, col)
                 while pos + _UNROLL <= en:
                     _prefetch_ahead(v, base, col, order, pos, en)
                     e0, e1 = _edge(order, pos), _edge(order, pos + 1)
@@ -310,7 +317,7 @@ def forward(
 
 @njit(parallel=True, cache=True, fastmath=_FASTMATH)
 def backward_rows(
-    ptr, order, col, tpos, k, v, drop, pi, out, g, scale, n, m, gq, w, w_t, rs
+    lo, hi, order, col, tpos, k, v, drop, pi, out, g, scale, n, m, gq, w, w_t, rs
 ):  # pragma: no cover
     """By-query pass of backward: ``gq`` and the gradients of every edge.
 
@@ -328,7 +335,7 @@ def backward_rows(
     """
     num_rows = gq.shape[0]
     dim_v = g.shape[1]
-    num_tiles = ptr.shape[0] - 1
+    num_tiles = lo.shape[0]
     has_drop = drop.shape[0] > 0
     zero, sc = _typed(0.0, g), _typed(scale, g)
     step = _pair_group(n)
@@ -336,7 +343,7 @@ def backward_rows(
         last = min(num_rows, first + step)
         for t in range(num_tiles):
             for r in prange(first, last):
-                st, en = ptr[t, r], ptr[t + 1, r]
+                st, en = lo[t, r], hi[t, r]
                 base = (r // n) * m
                 if t == 0:
                     rs_r = zero
@@ -346,7 +353,7 @@ def backward_rows(
                 else:
                     rs_r = rs[r]
                 pos = st
-                _prefetch_next(v, ptr, t, r, last, n, m, order, col)
+                _prefetch_next(v, lo, hi, t, r, last, n, m, order, col)
                 while pos + _UNROLL <= en:
                     _prefetch_ahead(v, base, col, order, pos, en)
                     e0, e1 = _edge(order, pos), _edge(order, pos + 1)
@@ -367,10 +374,10 @@ def backward_rows(
         for t in range(num_tiles):
             for r in prange(first, last):
                 _start_row(gq, r, t, last)
-                st, en = ptr[t, r], ptr[t + 1, r]
+                st, en = lo[t, r], hi[t, r]
                 base = (r // n) * m
                 pos = st
-                _prefetch_next(k, ptr, t, r, last, n, m, order, col)
+                _prefetch_next(k, lo, hi, t, r, last, n, m, order, col)
                 while pos + _UNROLL <= en:
                     _prefetch_ahead(k, base, col, order, pos, en)
                     e0, e1 = _edge(order, pos), _edge(order, pos + 1)
@@ -400,12 +407,12 @@ def _edge_grad(e, gp, pi, drop, has_drop, rs_r, tpos, w, w_t):  # pragma: no cov
 
 
 @njit(parallel=True, cache=True, fastmath=_FASTMATH)
-def backward_cols(cptr, trow, q, g, w_t, scale, n, m, gk, gv):  # pragma: no cover
-    """By-key pass of backward over the transposed graph (its rows ascending: grouped by tile):
+def backward_cols(lo, hi, trow, q, g, w_t, scale, n, m, gk, gv):  # pragma: no cover
+    """By-key pass of backward over the transposed graph (tile-major, see :func:`transpose`):
     ``gk_c = scale sum_t w_t[t, 0] q_i``, then ``gv_c = sum_t w_t[t, 1] g_i``, each in its own
     tile passes over one table (like :func:`backward_rows`)."""
     num_cols, dim = gk.shape
-    num_tiles = cptr.shape[0] - 1
+    num_tiles = lo.shape[0]
     sc = _typed(scale, gk)
     step = _pair_group(m)
     for first in range(0, num_cols, step):
@@ -413,7 +420,7 @@ def backward_cols(cptr, trow, q, g, w_t, scale, n, m, gk, gv):  # pragma: no cov
         for tile in range(num_tiles):
             for c in prange(first, last):
                 _start_row(gk, c, tile, last)
-                st, en = cptr[tile, c], cptr[tile + 1, c]
+                st, en = lo[tile, c], hi[tile, c]
                 _axpy_rows(gk, c, q, w_t, 0, trow, (c // m) * n, st, en)
                 if tile == num_tiles - 1:
                     for d in range(dim):
@@ -421,7 +428,7 @@ def backward_cols(cptr, trow, q, g, w_t, scale, n, m, gk, gv):  # pragma: no cov
         for tile in range(num_tiles):
             for c in prange(first, last):
                 _start_row(gv, c, tile, last)
-                st, en = cptr[tile, c], cptr[tile + 1, c]
+                st, en = lo[tile, c], hi[tile, c]
                 _axpy_rows(gv, c, g, w_t, 1, trow, (c // m) * n, st, en)
 
 
@@ -440,7 +447,7 @@ def _axpy_rows(out, c, x, w_t, which, trow, rbase, st, en):  # pragma: no cover
 
 
 @njit(parallel=True, cache=True, fastmath=_FASTMATH)
-def ste_spmm(ptr, order, idx, vals, g_pair, x, n_self, n_other, out):  # pragma: no cover
+def ste_spmm(lo, hi, order, idx, vals, g_pair, x, n_self, n_other, out):  # pragma: no cover
     """``out_r = sum over edges e of row r of G_e x[other-side row of e]``, by tile, with the
     straight-through gradient ``G_e = clip(vals[e, 0] + g_pair[r // n_self], -1, 1)``.
 
@@ -458,8 +465,8 @@ def ste_spmm(ptr, order, idx, vals, g_pair, x, n_self, n_other, out):  # pragma:
     query; both over 21 alternating rounds on synthetic graphs).
     """
     num_rows = out.shape[0]
-    num_tiles = ptr.shape[0] - 1
-    lo, hi = _typed(-1.0, out), _typed(1.0, out)
+    num_tiles = lo.shape[0]
+    g_lo, g_hi = _typed(-1.0, out), _typed(1.0, out)
     step = _pair_group(n_self)
     for first in range(0, num_rows, step):
         last = min(num_rows, first + step)
@@ -468,23 +475,24 @@ def ste_spmm(ptr, order, idx, vals, g_pair, x, n_self, n_other, out):  # pragma:
                 _start_row(out, r, t, last)
                 base = (r // n_self) * n_other
                 shift = g_pair[r // n_self]
-                st, en = ptr[t, r], ptr[t + 1, r]
-                _prefetch_next(x, ptr, t, r, last, n_self, n_other, order, idx)
+                st, en = lo[t, r], hi[t, r]
+                _prefetch_next(x, lo, hi, t, r, last, n_self, n_other, order, idx)
                 pos = st
                 while pos + _UNROLL <= en:
                     _prefetch_ahead(x, base, idx, order, pos, en)
                     e0, e1 = _edge(order, pos), _edge(order, pos + 1)
                     e2, e3 = _edge(order, pos + 2), _edge(order, pos + 3)
                     _axpy4(
-                        out, r, x, _clip(vals[e0, 0] + shift, lo, hi),
-                        _clip(vals[e1, 0] + shift, lo, hi), _clip(vals[e2, 0] + shift, lo, hi),
-                        _clip(vals[e3, 0] + shift, lo, hi), base + idx[e0], base + idx[e1],
+                        out, r, x, _clip(vals[e0, 0] + shift, g_lo, g_hi),
+                        _clip(vals[e1, 0] + shift, g_lo, g_hi),
+                        _clip(vals[e2, 0] + shift, g_lo, g_hi),
+                        _clip(vals[e3, 0] + shift, g_lo, g_hi), base + idx[e0], base + idx[e1],
                         base + idx[e2], base + idx[e3],
                     )  # fmt: skip
                     pos += _UNROLL
                 for p in range(pos, en):
                     e = _edge(order, p)
-                    _axpy(out, r, x, _clip(vals[e, 0] + shift, lo, hi), base + idx[e])
+                    _axpy(out, r, x, _clip(vals[e, 0] + shift, g_lo, g_hi), base + idx[e])
 
 
 @njit(inline="always")

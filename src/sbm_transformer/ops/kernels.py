@@ -193,7 +193,8 @@ class NumbaKernels:
         width = max(k.shape[1], v.shape[1]) * k.element_size()
         ptr, order = _row_tiles(graph, _num_tiles(m * width, graph.num_edges / max(q.shape[0], 1)))
         nk.forward(
-            _np(graph.crow_indices), ptr, order, _np(graph.col_indices), _np(q), _np(k), _np(v),
+            _np(graph.crow_indices), ptr[:-1], ptr[1:], order, _np(graph.col_indices), _np(q),
+            _np(k), _np(v),
             drop_np, scale, n, m, out.numpy(), pi.numpy(),
             scratch("row_max", (q.shape[0],), _np(q).dtype),
         )  # fmt: skip
@@ -216,13 +217,14 @@ class NumbaKernels:
 
         sync_threads()
         n, m, e = graph.num_queries, graph.num_keys, graph.num_edges
-        t = graph.transpose()
+        per_query, per_key = e / max(q.shape[0], 1), e / max(k.shape[0], 1)
+        t = graph.transpose(_key_side_tile_shift(n, per_key))
+        lo_t, hi_t = _tile_major(t.ptr, k.shape[0])
         col, trow = _np(graph.col_indices), _np(t.row_indices)
         drop_np = _np(drop) if drop is not None else _np(q.new_empty(0))
         g = _np(grad_out)
         pairs = graph.batch_size * graph.num_heads
         g_pair = _np(ste.g_pair.to(q.dtype) if ste is not None else q.new_zeros(pairs))
-        per_query, per_key = e / max(q.shape[0], 1), e / max(k.shape[0], 1)
         item = q.element_size()
         dtype = _np(q).dtype
         gq = torch.empty_like(q)
@@ -231,12 +233,12 @@ class NumbaKernels:
         width = max(k.shape[1], v.shape[1]) * item  # k and v are gathered in separate passes
         ptr, order = _row_tiles(graph, _num_tiles(m * width, per_query))
         nk.backward_rows(
-            ptr, order, col, _np(t.tpos), _np(k), _np(v), drop_np, _np(softmax), _np(out), g,
+            ptr[:-1], ptr[1:], order, col, _np(t.tpos), _np(k), _np(v), drop_np, _np(softmax),
+            _np(out), g,
             scale, n, m, gq.numpy(), w, w_t, scratch("row_scratch", (q.shape[0],), dtype),
         )  # fmt: skip
         gk, gv = torch.empty_like(k), torch.empty_like(v)
-        cptr = _col_tiles(graph, _num_tiles(n * max(q.shape[1], g.shape[1]) * item, per_key))
-        nk.backward_cols(cptr, trow, _np(q), g, w_t, scale, n, m, gk.numpy(), gv.numpy())
+        nk.backward_cols(lo_t, hi_t, trow, _np(q), g, w_t, scale, n, m, gk.numpy(), gv.numpy())
         if ste is None:
             return Grads(gq, gk, gv, None, None)
         z, y = _np(ste.z), _np(ste.y)
@@ -244,10 +246,9 @@ class NumbaKernels:
         # memory paid for in page faults at every call.
         gz = scratch("ste_gz", (q.shape[0], z.shape[1]), dtype)
         ptr, order = _row_tiles(graph, _num_tiles(m * z.shape[1] * item, per_query, wide=True))
-        nk.ste_spmm(ptr, order, col, w.reshape(e, 1), g_pair, z, n, m, gz)
+        nk.ste_spmm(ptr[:-1], ptr[1:], order, col, w.reshape(e, 1), g_pair, z, n, m, gz)
         gy = scratch("ste_gy", (k.shape[0], y.shape[1]), dtype)
-        cptr = _col_tiles(graph, _num_tiles(n * y.shape[1] * item, per_key, wide=True))
-        nk.ste_spmm(cptr, trow[:0], trow, w_t, g_pair, y, m, n, gy)
+        nk.ste_spmm(lo_t, hi_t, trow[:0], trow, w_t, g_pair, y, m, n, gy)
         return Grads(gq, gk, gv, torch.from_numpy(gz), torch.from_numpy(gy))
 
 
@@ -299,38 +300,32 @@ def _tile_shift(rows: int, tiles: int) -> tuple[int, int]:
     return shift, -(-rows >> shift)
 
 
-#: Tile pointers of a graph are kept at this granularity (tiles of 4096 table rows, the
-#: sampler's grouping) and coarser ones derived from them. The numba sampler and transpose give
-#: them; otherwise they are computed once (a pass over every edge, and over every row and tile:
-#: 24 ms for both sides at N = 64k, 32 edges per query, against under 1 ms given).
+#: Tile pointers of a graph are kept at this granularity (tiles of 4096 keys, the sampler's
+#: grouping) and coarser ones derived from them. The numba sampler gives them; otherwise they are
+#: computed once (a pass over every edge, and over every row and tile: 24 ms for both sides at
+#: N = 64k, 32 edges per query, against under 1 ms given).
 _FINE_SHIFT = TILE_SHIFT
 
 
 def _tile_pointers(
-    key: str,
-    crow: np.ndarray,
-    col: np.ndarray,
-    rows: int,
-    shift: int,
-    num: int,
-    graph: Graph,
-    given: Tensor | None,
+    crow: np.ndarray, col: np.ndarray, shift: int, num: int, graph: Graph
 ) -> np.ndarray:
-    """``ptr`` (num + 1, R) of CSR rows whose columns are grouped by tiles of ``2^shift`` (or
-    finer, down to ``_FINE_SHIFT``), derived from the fine pointers when coarser: ``given``
-    ones, or ones computed once per graph."""
+    """``ptr`` (num + 1, R) of the graph's rows, whose keys are grouped by tiles of ``2^shift``
+    (or finer, down to ``_FINE_SHIFT``), derived from the fine pointers when coarser: the
+    sampler's, or ones computed once per graph."""
     from sbm_transformer.ops import _numba_kernels as nk
 
     if shift < _FINE_SHIFT:
         return nk.tile_pointers(crow, col, shift, num)
-    fine_num = -(-rows >> _FINE_SHIFT)
+    fine_num = -(-graph.num_keys >> _FINE_SHIFT)
 
     def build() -> np.ndarray:
+        given = graph.tile_pointers if graph.tile_shift == _FINE_SHIFT else None
         if given is not None and given.shape[0] == fine_num + 1:
             return _np(given)
         return nk.tile_pointers(crow, col, _FINE_SHIFT, fine_num)
 
-    fine = _cached(graph, (key, "fine"), build)
+    fine = _cached(graph, ("row_tiles", "fine"), build)
     step = shift - _FINE_SHIFT
     return fine[np.minimum(np.arange(num + 1) << step, fine_num)]
 
@@ -353,28 +348,36 @@ def _row_tiles(graph: Graph, tiles: int) -> tuple[np.ndarray, np.ndarray]:
             return nk.group_by_tile(crow, col, shift, num)
         if graph.tile_shift > _FINE_SHIFT:
             return nk.tile_pointers(crow, col, shift, num), crow[:0]
-        given = graph.tile_pointers if graph.tile_shift == _FINE_SHIFT else None
-        ptr = _tile_pointers("row_tiles", crow, col, graph.num_keys, shift, num, graph, given)
-        return ptr, crow[:0]
+        return _tile_pointers(crow, col, shift, num, graph), crow[:0]
 
     return _cached(graph, ("row_tiles", shift), build)
 
 
-def _col_tiles(graph: Graph, tiles: int) -> np.ndarray:
-    """``ptr`` of the transposed graph's rows (keys) over ``tiles`` query tiles (cached)."""
-    shift, num = _tile_shift(graph.num_queries, tiles)
-    t = graph.transpose()
-    if num == 1:
-        ccol = _np(t.ccol_indices)
-        return np.stack([ccol[:-1], ccol[1:]])
-    ccol, trow = _np(t.ccol_indices), _np(t.row_indices)
-    return _cached(
-        graph,
-        ("col_tiles", shift),
-        lambda: _tile_pointers(
-            "col_tiles", ccol, trow, graph.num_queries, shift, num, graph, t.tile_pointers
-        ),
-    )
+#: The by-key passes (over the transposed graph, laid out tile-major: each tile pass reads one
+#: contiguous run) gather from query tiles of at least this many queries...
+_KEY_SIDE_TILE_ROWS = 1 << TILE_SHIFT
+#: ...and as many tiles as leave each key at least this many edges per tile on average. Against
+#: the transposed graph in CSC order gathered by 4 MiB (8 MiB for the membership product) tiles:
+#: N = 64k, 128 edges per query (16 tiles of 4096 queries): by-key pass 0.70x, membership
+#: product 0.77x; N = 16k (4 tiles): 0.69x, 0.78x; N = 64k and 16k, 32 edges per query (4
+#: tiles): 0.85x, 0.71-0.89x. Fewer edges per tile (16 tiles at 32 edges per query) lost again.
+_MIN_EDGES_PER_KEY_TILE = 8
+
+
+def _key_side_tile_shift(num_queries: int, edges_per_key: float) -> int | None:
+    """log2 of the queries per tile of the transposed graph the by-key passes use (None: one
+    tile; see ``_KEY_SIDE_TILE_ROWS``)."""
+    rows = max(_KEY_SIDE_TILE_ROWS, 1)
+    while rows < num_queries and edges_per_key * rows / num_queries < _MIN_EDGES_PER_KEY_TILE:
+        rows *= 2
+    return None if rows >= num_queries else rows.bit_length() - 1
+
+
+def _tile_major(ptr: Tensor, num_cols: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(lo, hi)`` (T, C) segment bounds of tile-major pointers ``(T*C + 1,)``."""
+    p = _np(ptr)
+    tiles = (p.shape[0] - 1) // max(num_cols, 1)
+    return p[:-1].reshape(tiles, num_cols), p[1:].reshape(tiles, num_cols)
 
 
 _TORCH = TorchKernels()
