@@ -5,8 +5,9 @@ Two implementations of the same two operations, on the stacked layout (query row
 ``(B*H*M, F)`` tensors, per-edge values ``(E,)`` in the graph's CSR order):
 
 * ``forward``: scores ``s_e = scale <q_r, k_c>`` on the edges, ``pi`` = their softmax within each
-  query row, ``out_r = sum_e pi_e drop_e v_c``. Returns ``out`` and ``pi`` (E,), which backward
-  needs. A row without edges outputs zeros.
+  query row, ``out_r = sum_e pi_e drop_e v_c``. Returns ``out`` and the :class:`Softmax` that
+  backward needs: ``pi`` as unnormalised weights and one scale per row. A row without edges
+  outputs zeros.
 * ``backward``: gradients of q, k, v and, given the memberships, the straight-through products
   ``G Z`` ``(B*H*N, K)`` and ``G^T Y`` ``(B*H*M, K)`` where ``G_e = clip(t_e + g_pair, -1, 1)``,
   ``t_e`` the gradient of edge e's 0/1 indicator and ``g_pair`` the gradient of its pair's edge
@@ -41,6 +42,16 @@ class Memberships(NamedTuple):
     g_pair: Tensor
 
 
+class Softmax(NamedTuple):
+    """The edges' softmax, as forward leaves it: ``pi_e = weights[e] * row_scale[r]`` for edge e
+    of row r. ``weights`` (E,) ``exp(s_e - max of row r)``, ``row_scale`` (R,) ``1 / sum`` of the
+    row's weights (0 for a row without edges). Normalising in place would take one more pass
+    over every edge."""
+
+    weights: Tensor
+    row_scale: Tensor
+
+
 class Grads(NamedTuple):
     """Gradients of q, k, v, and the straight-through products. ``gz`` and ``gy`` may be
     scratch memory: valid until the next backward call on this thread."""
@@ -57,7 +68,7 @@ class Kernels(Protocol):
 
     def forward(
         self, graph: Graph, q: Tensor, k: Tensor, v: Tensor, drop: Tensor | None, scale: float
-    ) -> tuple[Tensor, Tensor]: ...
+    ) -> tuple[Tensor, Softmax]: ...
 
     def backward(
         self,
@@ -66,7 +77,7 @@ class Kernels(Protocol):
         k: Tensor,
         v: Tensor,
         drop: Tensor | None,
-        softmax: Tensor,
+        softmax: Softmax,
         out: Tensor,
         grad_out: Tensor,
         scale: float,
@@ -128,15 +139,15 @@ class TorchKernels:
 
     def forward(
         self, graph: Graph, q: Tensor, k: Tensor, v: Tensor, drop: Tensor | None, scale: float
-    ) -> tuple[Tensor, Tensor]:
+    ) -> tuple[Tensor, Softmax]:
         offsets = graph.crow_indices.long()
         s = self._sddmm(graph, q, k) * scale
         row_max = torch.segment_reduce(s, "max", offsets=offsets)
         w = torch.exp(s - self._per_edge(graph, row_max))
         total = torch.segment_reduce(w, "sum", offsets=offsets)
-        pi = w / self._per_edge(graph, total)
-        out = self._csr(graph, pi if drop is None else pi * drop) @ v
-        return out, pi
+        row_scale = torch.where(total > 0, 1.0 / total, 0.0)  # total >= 1 in a row with edges
+        out = (self._csr(graph, w if drop is None else w * drop) @ v) * row_scale[:, None]
+        return out, Softmax(w, row_scale)
 
     def backward(
         self,
@@ -145,13 +156,13 @@ class TorchKernels:
         k: Tensor,
         v: Tensor,
         drop: Tensor | None,
-        softmax: Tensor,
+        softmax: Softmax,
         out: Tensor,
         grad_out: Tensor,
         scale: float,
         ste: Memberships | None,
     ) -> Grads:
-        pi = softmax
+        pi = softmax.weights * self._per_edge(graph, softmax.row_scale)
         gp = self._sddmm(graph, grad_out, v)
         wv = pi
         if drop is not None:
@@ -182,23 +193,22 @@ class NumbaKernels:
 
     def forward(
         self, graph: Graph, q: Tensor, k: Tensor, v: Tensor, drop: Tensor | None, scale: float
-    ) -> tuple[Tensor, Tensor]:
+    ) -> tuple[Tensor, Softmax]:
         from sbm_transformer.ops import _numba_kernels as nk
 
         sync_threads()
         n, m = graph.num_queries, graph.num_keys
         out = q.new_empty(q.shape[0], v.shape[1])
-        pi = q.new_empty(graph.num_edges)
+        weights, row_scale = q.new_empty(graph.num_edges), q.new_empty(q.shape[0])
         drop_np = _np(drop) if drop is not None else _np(q.new_empty(0))
         width = max(k.shape[1], v.shape[1]) * k.element_size()
         ptr, order = _row_tiles(graph, _num_tiles(m * width, graph.num_edges / max(q.shape[0], 1)))
         nk.forward(
-            _np(graph.crow_indices), ptr[:-1], ptr[1:], order, _np(graph.col_indices), _np(q),
-            _np(k), _np(v),
-            drop_np, scale, n, m, out.numpy(), pi.numpy(),
+            ptr[:-1], ptr[1:], order, _np(graph.col_indices), _np(q), _np(k), _np(v), drop_np,
+            scale, n, m, out.numpy(), weights.numpy(), row_scale.numpy(),
             scratch("row_max", (q.shape[0],), _np(q).dtype),
         )  # fmt: skip
-        return out, pi
+        return out, Softmax(weights, row_scale)
 
     def backward(
         self,
@@ -207,7 +217,7 @@ class NumbaKernels:
         k: Tensor,
         v: Tensor,
         drop: Tensor | None,
-        softmax: Tensor,
+        softmax: Softmax,
         out: Tensor,
         grad_out: Tensor,
         scale: float,
@@ -233,8 +243,8 @@ class NumbaKernels:
         width = max(k.shape[1], v.shape[1]) * item  # k and v are gathered in separate passes
         ptr, order = _row_tiles(graph, _num_tiles(m * width, per_query))
         nk.backward_rows(
-            ptr[:-1], ptr[1:], order, col, _np(t.tpos), _np(k), _np(v), drop_np, _np(softmax),
-            _np(out), g,
+            ptr[:-1], ptr[1:], order, col, _np(t.tpos), _np(k), _np(v), drop_np,
+            _np(softmax.weights), _np(softmax.row_scale), _np(out), g,
             scale, n, m, gq.numpy(), w, w_t, scratch("row_scratch", (q.shape[0],), dtype),
         )  # fmt: skip
         gk, gv = torch.empty_like(k), torch.empty_like(v)

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from sbm_transformer.graph import Graph
-from sbm_transformer.ops.kernels import Kernels, Memberships
+from sbm_transformer.ops.kernels import Kernels, Memberships, Softmax
 from sbm_transformer.ops.memberships import MembershipInputs, sigmoid_membership_grads
 
 
@@ -45,14 +45,15 @@ class _SBMEdgeAttention(torch.autograd.Function):
         kf = k.reshape(bsz * heads * m, d).contiguous()
         vf = v.reshape(bsz * heads * m, dv).contiguous()
         out, softmax = kernels.forward(graph, qf, kf, vf, drop, scale)
-        ctx.save_for_backward(qf, kf, vf, Y, Z, Bx, softmax, out, drop, fq, fk, clusters)
+        ctx.save_for_backward(qf, kf, vf, Y, Z, Bx, *softmax, out, drop, fq, fk, clusters)
         ctx.graph, ctx.scale, ctx.kernels = graph, scale, kernels
         counts = graph.edges_per_head().to(q.dtype)  # (B, H)
         return out.reshape(bsz, heads, n, dv), counts
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor, grad_counts: Tensor) -> tuple[Tensor | None, ...]:
-        qf, kf, vf, Y, Z, Bx, softmax, out, drop, fq, fk, clusters = ctx.saved_tensors
+        qf, kf, vf, Y, Z, Bx, weights, row_scale, out, drop, fq, fk, clusters = ctx.saved_tensors
+        softmax = Softmax(weights, row_scale)
         graph: Graph = ctx.graph
         bsz, heads, n, k = Y.shape
         m, p = Z.shape[2], bsz * heads
