@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from conftest import sbm_inputs
 
 from sbm_transformer import Graph, sample_graph
-from sbm_transformer.graph import TransposedGraph
+from sbm_transformer._numba import numba_installed
+from sbm_transformer.functional import sbm_attention
+from sbm_transformer.graph import TransposedGraph, transpose_into
 
 
 def random_mask(b: int, h: int, n: int, m: int, p: float = 0.3, seed: int = 0) -> torch.Tensor:
@@ -76,6 +79,35 @@ def test_transpose_groups_edges_by_key(
             t.ccol_indices  # noqa: B018
     assert graph.transpose(tile_shift) is t  # cached
     assert graph.transpose(10) is graph.transpose(None)  # a tile as large as N: one tile
+
+
+@pytest.mark.skipif(not numba_installed(), reason="numba not installed")
+def test_numba_backward_transposes_into_scratch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The numba backward's transpose goes to reused memory, not onto the graph (a graph kept
+    after backward holds no by-key arrays of its own), and equals the cached one."""
+    monkeypatch.setenv("SBMT_DISABLE_NUMBA", "0")
+    inputs = sbm_inputs(1, 2, 300, 300, 4, dtype=torch.float32)
+
+    def sampled() -> Graph:
+        return sample_graph(*inputs, generator=torch.Generator().manual_seed(1))
+
+    graph = sampled()
+    like = graph.col_indices.numpy()
+    rows, tpos = np.empty_like(like), np.empty_like(like)
+    t = transpose_into(graph, 6, rows, tpos)
+    assert np.shares_memory(t.row_indices.numpy(), rows)
+    assert np.shares_memory(t.tpos.numpy(), tpos)
+    assert not graph._cache  # not cached
+    ref = graph.transpose(6)
+    assert ref is not t and torch.equal(t.ptr, ref.ptr)
+    assert torch.equal(t.row_indices, ref.row_indices) and torch.equal(t.tpos, ref.tpos)
+
+    graph = sampled()
+    q, k, v = (torch.randn(1, 2, 300, 8, requires_grad=True) for _ in range(3))
+    out, _ = sbm_attention(q, k, v, *inputs, graph=graph, backend="sparse-numba")
+    out.sum().backward()
+    assert k.grad is not None and v.grad is not None
+    assert not any(isinstance(x, TransposedGraph) for x in graph._cache.values())
 
 
 def test_sorted_keeps_the_edges() -> None:

@@ -376,25 +376,12 @@ _TRANSPOSE_KEYS = 1 << 14
 
 
 def _transpose(graph: Graph, tile_shift: int | None) -> TransposedGraph:
+    if graph.num_edges and use_numba(graph.col_indices):
+        like = graph.col_indices.numpy()
+        return transpose_into(graph, tile_shift, np.empty_like(like), np.empty_like(like))
     b, h, n, m = graph.shape
     idt = graph.col_indices.dtype
     shift = 62 if tile_shift is None else tile_shift  # every query index >> 62 is 0: one tile
-    if graph.num_edges and use_numba(graph.col_indices):
-        from sbm_transformer.ops import _numba_kernels as nk
-
-        crow = graph.crow_indices.numpy()
-        if graph.tile_shift is not None and graph.tile_pointers is not None:
-            kptr, key_shift = graph.tile_pointers.numpy(), graph.tile_shift
-        else:
-            kptr, key_shift = np.stack([crow[:-1], crow[1:]]), 62  # one key tile
-        ptr, rows, tpos = nk.transpose(
-            crow, graph.col_indices.numpy(), kptr, key_shift,
-            max(1, _TRANSPOSE_KEYS >> key_shift), b * h, n, m, shift,
-        )  # fmt: skip
-        return TransposedGraph(
-            torch.from_numpy(ptr), torch.from_numpy(rows), torch.from_numpy(tpos),
-            tile_shift=tile_shift,
-        )  # fmt: skip
     rows = graph.row_indices().long()
     local = rows % max(n, 1)
     cols = (rows // max(n, 1)) * m + graph.col_indices.long()  # stacked column (b*H + h)*M + j
@@ -408,3 +395,31 @@ def _transpose(graph: Graph, tile_shift: int | None) -> TransposedGraph:
     return TransposedGraph(
         ptr, local[perm].to(idt), tpos.to(idt), perm.to(idt), tile_shift=tile_shift
     )
+
+
+def transpose_into(
+    graph: Graph, tile_shift: int | None, rows: np.ndarray, tpos: np.ndarray
+) -> TransposedGraph:
+    """:meth:`Graph.transpose` by the numba kernel, its per-edge arrays written into ``rows`` and
+    ``tpos`` (each ``(E,)`` of the graph's index dtype) and not cached: the numba backward keeps
+    them in reused scratch memory (fresh arrays of 64 MiB each at N = 64k, 128 edges per query,
+    were faulted in again at every step). A CPU graph with numba installed."""
+    from sbm_transformer.ops import _numba_kernels as nk
+
+    b, h, n, m = graph.shape
+    if tile_shift is not None and (tile_shift < 0 or (1 << tile_shift) >= n):
+        tile_shift = None  # one tile
+    shift = 62 if tile_shift is None else tile_shift  # every query index >> 62 is 0: one tile
+    crow = graph.crow_indices.numpy()
+    if graph.tile_shift is not None and graph.tile_pointers is not None:
+        kptr, key_shift = graph.tile_pointers.numpy(), graph.tile_shift
+    else:
+        kptr, key_shift = np.stack([crow[:-1], crow[1:]]), 62  # one key tile
+    ptr = nk.transpose(
+        crow, graph.col_indices.numpy(), kptr, key_shift,
+        max(1, _TRANSPOSE_KEYS >> key_shift), b * h, n, m, shift, rows, tpos,
+    )  # fmt: skip
+    return TransposedGraph(
+        torch.from_numpy(ptr), torch.from_numpy(rows), torch.from_numpy(tpos),
+        tile_shift=tile_shift,
+    )  # fmt: skip

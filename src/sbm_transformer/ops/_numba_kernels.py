@@ -90,15 +90,18 @@ def _prefetch_row(typingctx, array, row):  # pragma: no cover - code generation
 
 
 @njit(parallel=True, cache=True)
-def transpose(crow, col, kptr, key_shift, group, num_pairs, n, m, shift):  # pragma: no cover
+def transpose(
+    crow, col, kptr, key_shift, group, num_pairs, n, m, shift, rows, tpos
+):  # pragma: no cover
     """Counting sort of the edges by (query tile, stacked key column), tile-major; rows stay
     ascending within each (tile, column) segment.
 
     Query tiles hold ``2^shift`` queries (a ``shift`` above log2(N) for one tile: CSC order).
     Returns ``ptr`` (T*P*M + 1,), the edges of column c from tile t being positions
-    ``ptr[t*P*M + c]`` to ``ptr[t*P*M + c + 1] - 1``; ``rows`` (E,) the local query of each
-    by-key position; ``tpos`` (E,) the by-key position of each edge. The queries are visited in
-    order, so at each tile's first query the column cursors are set to that tile's starts.
+    ``ptr[t*P*M + c]`` to ``ptr[t*P*M + c + 1] - 1``, and writes ``rows`` (E,), the local query
+    of each by-key position, and ``tpos`` (E,), the by-key position of each edge. The queries are
+    visited in order, so at each tile's first query the column cursors are set to that tile's
+    starts.
 
     ``kptr`` (KT + 1, P*N) holds where each row's keys of tile ``kt`` (keys ``kt * 2^key_shift``
     on) start, the rows' keys grouped by those tiles (``[crow[:-1], crow[1:]]`` and a
@@ -106,7 +109,6 @@ def transpose(crow, col, kptr, key_shift, group, num_pairs, n, m, shift):  # pra
     time, so the column cursors being written stay in cache (at N = 64k, 128 edges per query,
     groups of 16k columns measured 0.82-0.85x the time of all 64k at once).
     """
-    num_edges = col.shape[0]
     num_tiles = -(-n >> shift) if n > 0 else 1
     num_cols = num_pairs * m
     num_key_tiles = kptr.shape[0] - 1
@@ -119,8 +121,6 @@ def transpose(crow, col, kptr, key_shift, group, num_pairs, n, m, shift):  # pra
     ptr = counts  # prefix sums in place: ptr[x] = edges before segment x
     for x in range(1, ptr.shape[0]):
         ptr[x] += ptr[x - 1]
-    tpos = np.empty(num_edges, crow.dtype)
-    rows = np.empty(num_edges, crow.dtype)
     mask = (1 << shift) - 1
     for p in prange(num_pairs):
         cursor = np.empty(m, crow.dtype)
@@ -138,7 +138,7 @@ def transpose(crow, col, kptr, key_shift, group, num_pairs, n, m, shift):  # pra
                     cursor[c] = t + 1
                     tpos[e] = t
                     rows[t] = i
-    return ptr, rows, tpos
+    return ptr
 
 
 # Every kernel below walks the edges of a row tile by tile: for each tile t of the gathered table

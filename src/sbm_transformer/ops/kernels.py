@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from sbm_transformer._numba import scratch, sync_threads, use_numba
-from sbm_transformer.graph import TILE_SHIFT, Graph
+from sbm_transformer.graph import TILE_SHIFT, Graph, TransposedGraph, transpose_into
 
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
 
@@ -228,7 +228,7 @@ class NumbaKernels:
         sync_threads()
         n, m, e = graph.num_queries, graph.num_keys, graph.num_edges
         per_query, per_key = e / max(q.shape[0], 1), e / max(k.shape[0], 1)
-        t = graph.transpose(_key_side_tile_shift(n, per_key))
+        t = _by_key(graph, _key_side_tile_shift(n, per_key))
         lo_t, hi_t = _tile_major(t.ptr, k.shape[0])
         col, trow = _np(graph.col_indices), _np(t.row_indices)
         drop_np = _np(drop) if drop is not None else _np(q.new_empty(0))
@@ -381,6 +381,21 @@ def _key_side_tile_shift(num_queries: int, edges_per_key: float) -> int | None:
     while rows < num_queries and edges_per_key * rows / num_queries < _MIN_EDGES_PER_KEY_TILE:
         rows *= 2
     return None if rows >= num_queries else rows.bit_length() - 1
+
+
+def _by_key(graph: Graph, tile_shift: int | None) -> TransposedGraph:
+    """The transposed graph for the numba backward: the graph's cached one if it has it, else
+    one in scratch memory, valid until the next call on this thread (see
+    :func:`~sbm_transformer.graph.transpose_into`)."""
+    if tile_shift is not None and (1 << tile_shift) >= graph.num_queries:
+        tile_shift = None
+    cached = graph._cache.get(("transpose", tile_shift))
+    if isinstance(cached, TransposedGraph):
+        return cached
+    dtype = _np(graph.col_indices).dtype
+    rows = scratch("transpose_rows", (graph.num_edges,), dtype)
+    tpos = scratch("transpose_positions", (graph.num_edges,), dtype)
+    return transpose_into(graph, tile_shift, rows, tpos)
 
 
 def _tile_major(ptr: Tensor, num_cols: int) -> tuple[np.ndarray, np.ndarray]:
