@@ -234,6 +234,21 @@ def test_attend_without_edges_gives_zero_gradients() -> None:
     assert attn.clusters.grad is not None and not attn.clusters.grad.any()
 
 
+@pytest.mark.parametrize("backend", SPARSE_BACKENDS)
+def test_cpu_autocast_bfloat16(backend: str) -> None:
+    """Under CPU autocast (bfloat16 matmuls) the module samples, attends and trains."""
+    torch.manual_seed(0)
+    attn = SBMAttention(32, 2, num_clusters=8, backend=backend)
+    x = torch.randn(2, 80, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, stats = attn(x)
+        loss = out.float().square().mean() + 1e-2 * stats.density.mean()
+    loss.backward()
+    assert stats.num_edges > 0 and torch.isfinite(out.float()).all()
+    assert all(torch.isfinite(p.grad).all() for p in attn.parameters() if p.grad is not None)
+    assert attn.clusters.grad is not None and attn.clusters.grad.abs().sum() > 0
+
+
 def test_attend_inputs_must_match_the_memberships() -> None:
     from sbm_transformer.functional import attend
     from sbm_transformer.ops.memberships import MembershipInputs

@@ -44,7 +44,7 @@ from collections.abc import Callable
 import numpy as np
 from numba import njit, prange
 
-from sbm_transformer._numba import scratch
+from sbm_transformer._numba import recycled, scratch
 from sbm_transformer.graph import TILE_SHIFT
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
@@ -681,7 +681,7 @@ def sample_csr(
         _merge_dedup(counts, cursors, stage, offsets, m, buf, kept)
     crow = np.zeros(num_pairs * n + 1, index_dtype)
     np.cumsum(kept, out=crow[1:])
-    col = np.empty(int(crow[-1]), index_dtype)
+    col = recycled(int(crow[-1]), index_dtype)  # the graph's keys: 64 MiB at N = 64k, 128/query
     tiles = -(-m >> TILE_SHIFT)
     ptr = np.empty((tiles + 1 if tiles > 1 else 0, num_pairs * n), index_dtype)
     _compact(offsets, buf, crow, col, tiles, ptr)

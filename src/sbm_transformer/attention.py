@@ -15,6 +15,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from sbm_transformer._numba import recycled_empty
 from sbm_transformer.functional import BACKENDS, SBMStats, attend
 from sbm_transformer.graph import Graph
 from sbm_transformer.ops.memberships import MembershipInputs
@@ -210,7 +211,7 @@ class SBMAttention(nn.Module):
         fq, fk = self.node_mlp(q), self.node_mlp(k)
         with torch.no_grad():
             centers = self.clusters.transpose(-1, -2)
-            Y, Z = torch.sigmoid_(fq @ centers), torch.sigmoid_(fk @ centers)
+            Y, Z = _sigmoid_product(fq, centers), _sigmoid_product(fk, centers)
         return attend(
             q, k, v, Y, Z, self.block_matrix(),
             graph=graph, key_padding_mask=key_padding_mask, exploration=self.exploration,
@@ -281,3 +282,14 @@ class SBMAttention(nn.Module):
         b, _, n, _ = out.shape
         out = out.transpose(1, 2).reshape(b, n, self.embed_dim)
         return self.out_proj(out), stats
+
+
+def _sigmoid_product(features: Tensor, centers: Tensor) -> Tensor:
+    """``sigmoid(features @ centers)`` without autograd, in recycled memory on the CPU (each of
+    Y and Z is 64 MiB at N = 64k, K = 128, 2 heads, and would be faulted in at every step)."""
+    if features.dtype != centers.dtype or torch.is_autocast_enabled(features.device.type):
+        return torch.sigmoid_(features @ centers)
+    shape = (*torch.broadcast_shapes(features.shape[:-2], centers.shape[:-2]),
+             features.shape[-2], centers.shape[-1])  # fmt: skip
+    out = recycled_empty(shape, features)
+    return torch.sigmoid_(torch.matmul(features, centers, out=out))

@@ -311,7 +311,8 @@ def _sample_numba(
     z = Z.reshape(p, m, k).contiguous()
 
     def query_rates() -> np.ndarray:  # (P, N, K): u_ib = sum_a Y_ia B_ab, when needed
-        return torch.bmm(y, bmat).numpy()
+        with torch.autocast("cpu", enabled=False):  # in the memberships' dtype, as numpy takes
+            return torch.bmm(y, bmat).numpy()
 
     sync_threads()
     crow, col, ptr = _numba_sampler.sample_csr(

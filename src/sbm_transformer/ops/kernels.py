@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from sbm_transformer._numba import scratch, sync_threads, use_numba
+from sbm_transformer._numba import recycled, scratch, sync_threads, use_numba
 from sbm_transformer.graph import TILE_SHIFT, Graph, TransposedGraph, transpose_into
 
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
@@ -199,7 +199,8 @@ class NumbaKernels:
         sync_threads()
         n, m = graph.num_queries, graph.num_keys
         out = q.new_empty(q.shape[0], v.shape[1])
-        weights, row_scale = q.new_empty(graph.num_edges), q.new_empty(q.shape[0])
+        weights = torch.from_numpy(recycled(graph.num_edges, _np(q).dtype))  # kept for backward
+        row_scale = q.new_empty(q.shape[0])
         drop_np = _np(drop) if drop is not None else _np(q.new_empty(0))
         width = max(k.shape[1], v.shape[1]) * k.element_size()
         ptr, order = _row_tiles(graph, _num_tiles(m * width, graph.num_edges / max(q.shape[0], 1)))

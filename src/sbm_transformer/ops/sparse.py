@@ -44,7 +44,8 @@ class _SBMEdgeAttention(torch.autograd.Function):
         qf = q.reshape(bsz * heads * n, d).contiguous()
         kf = k.reshape(bsz * heads * m, d).contiguous()
         vf = v.reshape(bsz * heads * m, dv).contiguous()
-        out, softmax = kernels.forward(graph, qf, kf, vf, drop, scale)
+        with torch.autocast(q.device.type, enabled=False):  # the op picks its own dtype
+            out, softmax = kernels.forward(graph, qf, kf, vf, drop, scale)
         ctx.save_for_backward(qf, kf, vf, Y, Z, Bx, *softmax, out, drop, fq, fk, clusters)
         ctx.graph, ctx.scale, ctx.kernels = graph, scale, kernels
         counts = graph.edges_per_head().to(q.dtype)  # (B, H)
@@ -52,6 +53,11 @@ class _SBMEdgeAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor, grad_counts: Tensor) -> tuple[Tensor | None, ...]:
+        with torch.autocast(grad_out.device.type, enabled=False):
+            return _SBMEdgeAttention._backward(ctx, grad_out, grad_counts)
+
+    @staticmethod
+    def _backward(ctx: Any, grad_out: Tensor, grad_counts: Tensor) -> tuple[Tensor | None, ...]:
         qf, kf, vf, Y, Z, Bx, weights, row_scale, out, drop, fq, fk, clusters = ctx.saved_tensors
         softmax = Softmax(weights, row_scale)
         graph: Graph = ctx.graph
