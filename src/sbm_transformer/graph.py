@@ -296,8 +296,7 @@ class Graph:
         """The edges grouped by key, and within each key by query tiles of ``2^tile_shift``
         queries (None: one tile, CSC order); see :class:`TransposedGraph`. Computed once per
         graph and tile size, then cached."""
-        if tile_shift is not None and (tile_shift < 0 or (1 << tile_shift) >= self.num_queries):
-            tile_shift = None  # one tile
+        tile_shift = one_tile_as_none(tile_shift, self.num_queries)
         key = ("transpose", tile_shift)
         cached = self._cache.get(key)
         if cached is None:
@@ -407,8 +406,7 @@ def transpose_into(
     from sbm_transformer.ops import _numba_kernels as nk
 
     b, h, n, m = graph.shape
-    if tile_shift is not None and (tile_shift < 0 or (1 << tile_shift) >= n):
-        tile_shift = None  # one tile
+    tile_shift = one_tile_as_none(tile_shift, n)
     shift = 62 if tile_shift is None else tile_shift  # every query index >> 62 is 0: one tile
     crow = graph.crow_indices.numpy()
     if graph.tile_shift is not None and graph.tile_pointers is not None:
@@ -423,3 +421,10 @@ def transpose_into(
         torch.from_numpy(ptr), torch.from_numpy(rows), torch.from_numpy(tpos),
         tile_shift=tile_shift,
     )  # fmt: skip
+
+
+def one_tile_as_none(tile_shift: int | None, num_queries: int) -> int | None:
+    """``tile_shift``, or None (one tile) when its tiles are not smaller than ``num_queries``."""
+    if tile_shift is not None and (tile_shift < 0 or (1 << tile_shift) >= num_queries):
+        return None
+    return tile_shift

@@ -28,7 +28,13 @@ import torch
 from torch import Tensor
 
 from sbm_transformer._numba import recycled, scratch, sync_threads, use_numba
-from sbm_transformer.graph import TILE_SHIFT, Graph, TransposedGraph, transpose_into
+from sbm_transformer.graph import (
+    TILE_SHIFT,
+    Graph,
+    TransposedGraph,
+    one_tile_as_none,
+    transpose_into,
+)
 
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
 
@@ -388,9 +394,7 @@ def _by_key(graph: Graph, tile_shift: int | None) -> TransposedGraph:
     """The transposed graph for the numba backward: the graph's cached one if it has it, else
     one in scratch memory, valid until the next call on this thread (see
     :func:`~sbm_transformer.graph.transpose_into`)."""
-    if tile_shift is not None and (1 << tile_shift) >= graph.num_queries:
-        tile_shift = None
-    cached = graph._cache.get(("transpose", tile_shift))
+    cached = graph._cache.get(("transpose", one_tile_as_none(tile_shift, graph.num_queries)))
     if isinstance(cached, TransposedGraph):
         return cached
     dtype = _np(graph.col_indices).dtype
