@@ -259,10 +259,10 @@ def test_tiled_kernels_match(monkeypatch: pytest.MonkeyPatch, graph_kind: str) -
         order = torch.argsort(rows * 1000 - graph.col_indices.long(), stable=True)
         graph = Graph(graph.crow_indices, graph.col_indices[order], graph.shape)
     want = run(inputs, graph, "dense", key_padding_mask=mask)
-    monkeypatch.setattr(kernels, "_TILE_BYTES", 4 * 8 * 4)  # a few rows of float64 per tile
-    monkeypatch.setattr(kernels, "_WIDE_TILE_BYTES", 4 * 8 * 4)
-    monkeypatch.setattr(kernels, "_MIN_EDGES_PER_TILE", 0)
-    monkeypatch.setattr(kernels, "_KEY_SIDE_TILE_ROWS", 8)  # the by-key passes: 5 query tiles
+    monkeypatch.setattr(kernels, "_QUERY_SIDE_TILE_KEYS", 4)  # by query: 4 tiles of 8 keys
+    monkeypatch.setattr(kernels, "_MIN_EDGES_PER_QUERY_TILE", 0)
+    monkeypatch.setattr(kernels, "_UNTILED_BYTES", 0)
+    monkeypatch.setattr(kernels, "_KEY_SIDE_TILE_ROWS", 8)  # by key: 3 tiles of 16 queries
     monkeypatch.setattr(kernels, "_MIN_EDGES_PER_KEY_TILE", 0)
     key_shifts = []
 
@@ -275,8 +275,8 @@ def test_tiled_kernels_match(monkeypatch: pytest.MonkeyPatch, graph_kind: str) -
     got = run(inputs, graph, "sparse-numba", key_padding_mask=mask)
     assert_close_all(got, want)
     shifts = [key[1] for key in graph._cache if isinstance(key, tuple) and key[0] == "row_tiles"]
-    assert shifts and min(shifts) < 4  # really tiled
-    assert key_shifts == [3]  # by key too (tiles of 8 queries)
+    assert shifts == [3] and graph._cache["layout"].lo.shape == (4, 2 * 2 * 37)  # really tiled
+    assert key_shifts == [4]  # by key too (tiles of 16 queries)
 
 
 @pytest.mark.skipif("sparse-numba" not in SPARSE_BACKENDS, reason="numba not installed")
@@ -293,10 +293,10 @@ def test_unrolled_edge_loops_match(monkeypatch: pytest.MonkeyPatch, tiled: bool,
     dense = torch.arange(m)[None, :] < lengths[:, None]
     graph = Graph.from_dense(dense.expand(b, h, n, m))
     if tiled:
-        monkeypatch.setattr(kernels, "_TILE_BYTES", 8 * 6 * 8)  # 8 keys of float64 per tile
-        monkeypatch.setattr(kernels, "_WIDE_TILE_BYTES", 8 * 6 * 8)
-        monkeypatch.setattr(kernels, "_MIN_EDGES_PER_TILE", 0)
-        monkeypatch.setattr(kernels, "_KEY_SIDE_TILE_ROWS", 2)  # 5 tiles of 2 queries by key
+        monkeypatch.setattr(kernels, "_QUERY_SIDE_TILE_KEYS", 8)  # by query: 16 keys and 7
+        monkeypatch.setattr(kernels, "_MIN_EDGES_PER_QUERY_TILE", 0)
+        monkeypatch.setattr(kernels, "_UNTILED_BYTES", 0)
+        monkeypatch.setattr(kernels, "_KEY_SIDE_TILE_ROWS", 2)  # by key: 3 tiles of 4 queries
         monkeypatch.setattr(kernels, "_MIN_EDGES_PER_KEY_TILE", 0)
     kw = dict(dropout_p=dropout_p)
     want = run(inputs, graph, "dense", generator=torch.Generator().manual_seed(3), **kw)
@@ -342,9 +342,10 @@ def test_sampled_keys_are_grouped_by_tile() -> None:
         assert ptr[num].tolist() == crow[1:].tolist()
 
 
-def test_key_side_tiles() -> None:
+def test_tile_counts() -> None:
     """The by-key passes take query tiles of 4096 queries or more, as many as leave each key 8
-    edges per tile on average (measured best at N = 16k and 64k, 32 and 128 edges per query)."""
+    edges per tile on average; the by-query ones key tiles of 4096 keys or more, 16 edges per
+    row (measured best at N = 16k and 64k, 32 and 128 edges per query)."""
     from sbm_transformer.ops import kernels
 
     assert kernels._key_side_tile_shift(65536, 128.0) == 12  # 16 tiles of 8 edges per key
@@ -352,3 +353,8 @@ def test_key_side_tiles() -> None:
     assert kernels._key_side_tile_shift(16384, 128.0) == 12  # 4 tiles
     assert kernels._key_side_tile_shift(16384, 4.0) is None  # one tile
     assert kernels._key_side_tile_shift(4096, 1000.0) is None
+    # by query: key tiles of 4096 keys or more, 16 edges per row per tile
+    assert kernels._tiles(65536, kernels._QUERY_SIDE_TILE_KEYS, 128.0, 16) == 8
+    assert kernels._tiles(65536, kernels._QUERY_SIDE_TILE_KEYS, 32.0, 16) == 2
+    assert kernels._tiles(16384, kernels._QUERY_SIDE_TILE_KEYS, 128.0, 16) == 4
+    assert kernels._tiles(1024, kernels._QUERY_SIDE_TILE_KEYS, 128.0, 16) == 1

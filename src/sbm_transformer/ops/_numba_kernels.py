@@ -1,8 +1,9 @@
 """Fused CPU kernels (numba) for SBM edge attention over a :class:`~sbm_transformer.graph.Graph`.
 
 Every kernel works on the stacked layout used throughout the package: query rows
-``r = (b*H + h)*N + i`` and key rows ``c = (b*H + h)*M + j`` of 2-D arrays, CSR pointers over the
-query rows, local column indices ``j``. Each is the fused form of a few torch ops in
+``r = (b*H + h)*N + i`` and key rows ``c = (b*H + h)*M + j`` of 2-D arrays, local column
+indices ``j``, and the edges laid out tile by tile (see :func:`tile_major`; one tile is the
+graph's CSR order). Each is the fused form of a few torch ops in
 :class:`sbm_transformer.ops.kernels.TorchKernels`; the tests compare both with the dense reference.
 
 Forward keeps each edge's softmax weight ``pi`` (unnormalised, with one scale per row). Backward
@@ -91,7 +92,7 @@ def _prefetch_row(typingctx, array, row):  # pragma: no cover - code generation
 
 @njit(parallel=True, cache=True)
 def transpose(
-    crow, col, kptr, key_shift, group, num_pairs, n, m, shift, rows, tpos
+    crow, col, kptr, key_shift, group, num_pairs, n, m, shift, rows, tpos, kpos
 ):  # pragma: no cover
     """Counting sort of the edges by (query tile, stacked key column), tile-major; rows stay
     ascending within each (tile, column) segment.
@@ -99,9 +100,10 @@ def transpose(
     Query tiles hold ``2^shift`` queries (a ``shift`` above log2(N) for one tile: CSC order).
     Returns ``ptr`` (T*P*M + 1,), the edges of column c from tile t being positions
     ``ptr[t*P*M + c]`` to ``ptr[t*P*M + c + 1] - 1``, and writes ``rows`` (E,), the local query
-    of each by-key position, and ``tpos`` (E,), the by-key position of each edge. The queries are
-    visited in order, so at each tile's first query the column cursors are set to that tile's
-    starts.
+    of each by-key position, and ``tpos`` (E,), the by-key position of each edge: of CSR edge e
+    at ``e``, or at ``kpos[e]`` when ``kpos`` is not empty (the kernels' by-query order, see
+    :func:`tile_major`). The queries are visited in order, so at each tile's first query the
+    column cursors are set to that tile's starts.
 
     ``kptr`` (KT + 1, P*N) holds where each row's keys of tile ``kt`` (keys ``kt * 2^key_shift``
     on) start, the rows' keys grouped by those tiles (``[crow[:-1], crow[1:]]`` and a
@@ -122,6 +124,7 @@ def transpose(
     for x in range(1, ptr.shape[0]):
         ptr[x] += ptr[x - 1]
     mask = (1 << shift) - 1
+    moved = kpos.shape[0] > 0
     for p in prange(num_pairs):
         cursor = np.empty(m, crow.dtype)
         for g0 in range(0, num_key_tiles, group):
@@ -136,47 +139,59 @@ def transpose(
                     c = col[e]
                     t = cursor[c]
                     cursor[c] = t + 1
-                    tpos[e] = t
+                    tpos[kpos[e] if moved else e] = t
                     rows[t] = i
     return ptr
 
 
 # Every kernel below walks the edges of a row tile by tile: for each tile t of the gathered table
 # (rows ``t * 2^shift`` to ``(t + 1) * 2^shift - 1`` of each pair) and row r, ``lo[t, r]`` to
-# ``hi[t, r] - 1`` (both (T, R)) is the range of r's edges in that tile. By query, the edges lie
-# row by row, grouped by tile within each row (``lo, hi = ptr[:-1], ptr[1:]`` of tile pointers
-# (T + 1, R)); ``order`` maps a grouped position to the edge (CSR position), or is empty when
-# the CSR order is already grouped (the sampler groups rows by tile). By key, the transposed
-# graph lies tile by tile (tile-major, see ``transpose``: ``lo, hi = ptr[:-1], ptr[1:]``
-# reshaped (T, R)), so that a tile pass reads one contiguous run. One tile (T = 1) is the plain
-# CSR walk. Large tables are gathered from one cache-sized tile at a time: measured 1.3x (N = 16k)
-# to 2.4x (N = 64k) faster than random gathers over the whole table.
+# ``hi[t, r] - 1`` (both (T, R)) are the positions of r's edges in that tile. Both sides lay
+# their edges out tile-major (all rows' edges of tile 0, row by row, then those of tile 1...; see
+# :func:`tile_major` and :func:`transpose`: ``lo, hi`` are the pointers ``(T*R + 1,)`` without
+# their last and first entries, reshaped), so that a tile pass reads one contiguous run. One
+# tile (T = 1) is the plain CSR walk. Large tables are gathered from one cache-sized tile at a
+# time: measured 1.3x (N = 16k) to 2.4x (N = 64k) faster than random gathers over the whole
+# table; tile-major instead of each row's edges grouped by tile, 0.7-0.9x again.
+
+
+@njit(parallel=True, cache=True)
+def tile_major(ptr, order, col, tptr, kcol, kpos):  # pragma: no cover
+    """The by-query edges tile-major: row r's edges of tile t (grouped positions ``ptr[t, r]``
+    to ``ptr[t + 1, r] - 1``, ``order`` mapping them to CSR positions unless empty) go to
+    ``tptr[t*R + r]`` on; ``kcol`` receives their keys, ``kpos[e]`` the new position of CSR edge
+    e. ``tptr`` (T*R + 1,) is the prefix sum of the segment lengths, tile by tile."""
+    num_tiles, num_rows = ptr.shape[0] - 1, ptr.shape[1]
+    grouped = order.shape[0] == 0
+    for r in prange(num_rows):
+        for t in range(num_tiles):
+            d = tptr[t * num_rows + r]
+            for pos in range(ptr[t, r], ptr[t + 1, r]):
+                e = pos if grouped else order[pos]
+                kcol[d] = col[e]
+                kpos[e] = d
+                d += 1
 
 
 @njit(inline="always")
-def _edge(order, pos):  # pragma: no cover
-    return order[pos] if order.shape[0] > 0 else pos
-
-
-@njit(inline="always")
-def _prefetch_next(x, lo, hi, t, r, last, n_self, n_other, order, idx):  # pragma: no cover
+def _prefetch_next(x, lo, hi, t, r, last, n_self, n_other, idx):  # pragma: no cover
     """Prefetch the rows of ``x`` that row ``r + 1``'s first edges of tile ``t`` gather (a row's
     own loop prefetches only its later edges)."""
     if r + 1 < last:
         nb = ((r + 1) // n_self) * n_other
         a0 = lo[t, r + 1]
         for a in range(a0, min(hi[t, r + 1], a0 + _PREFETCH_DISTANCE)):
-            _prefetch_row(x, nb + idx[_edge(order, a)])  # type: ignore[call-arg]
+            _prefetch_row(x, nb + idx[a])  # type: ignore[call-arg]
 
 
 @njit(inline="always")
-def _prefetch_ahead(x, base, idx, order, pos, en):  # pragma: no cover
+def _prefetch_ahead(x, base, idx, pos, en):  # pragma: no cover
     """Prefetch the rows of ``x`` gathered ``_PREFETCH_DISTANCE`` edges after the four at
     ``pos``."""
     for a in range(_UNROLL):
         ahead = pos + a + _PREFETCH_DISTANCE
         if ahead < en:
-            _prefetch_row(x, base + idx[_edge(order, ahead)])  # type: ignore[call-arg]
+            _prefetch_row(x, base + idx[ahead])  # type: ignore[call-arg]
 
 
 #: Rows ahead whose sums the later tile passes prefetch.
@@ -238,7 +253,7 @@ def _axpy(out, r, x, w, j):  # pragma: no cover
 
 @njit(parallel=True, cache=True, fastmath=_FASTMATH)
 def forward(
-    lo, hi, order, col, q, k, v, drop, scale, n, m, out, weights, row_scale, row_max
+    lo, hi, col, q, k, v, drop, scale, n, m, out, weights, row_scale, row_max
 ):  # pragma: no cover
     """``out_r = sum_e pi_e drop_e v_j``, ``pi`` the softmax of ``scale <q_r, k_j>`` over row r.
 
@@ -248,8 +263,9 @@ def forward(
     (R,) ``1 / sum`` of the row's weights (0 for a row without edges, which outputs zeros), and
     ``out`` is scaled once per row at the end. (A separate softmax pass normalising ``pi`` in
     place, between the two, read and wrote every edge once more: 1.27-1.37x the time of the
-    whole forward at N = 16k and 64k, 32 and 128 edges per query.) ``row_max`` (R,) is scratch;
-    ``drop`` is empty without dropout.
+    whole forward at N = 16k and 64k, 32 and 128 edges per query.) ``weights`` and ``drop`` (the
+    dropout factors, empty without dropout) are by position in the layout of ``lo, hi``;
+    ``row_max`` (R,) is scratch.
     """
     num_rows = q.shape[0]
     num_tiles = lo.shape[0]
@@ -264,11 +280,10 @@ def forward(
                 base = (r // n) * m
                 mx = neg_inf if t == 0 else row_max[r]
                 pos, en = lo[t, r], hi[t, r]
-                _prefetch_next(k, lo, hi, t, r, last, n, m, order, col)
+                _prefetch_next(k, lo, hi, t, r, last, n, m, col)
                 while pos + _UNROLL <= en:
-                    _prefetch_ahead(k, base, col, order, pos, en)
-                    e0, e1 = _edge(order, pos), _edge(order, pos + 1)
-                    e2, e3 = _edge(order, pos + 2), _edge(order, pos + 3)
+                    _prefetch_ahead(k, base, col, pos, en)
+                    e0, e1, e2, e3 = pos, pos + 1, pos + 2, pos + 3
                     s0, s1, s2, s3 = _dot4(
                         q, r, k, base + col[e0], base + col[e1], base + col[e2], base + col[e3],
                         zero,
@@ -277,8 +292,7 @@ def forward(
                     weights[e0], weights[e1], weights[e2], weights[e3] = s0, s1, s2, s3
                     mx = max(mx, max(max(s0, s1), max(s2, s3)))
                     pos += _UNROLL
-                for p in range(pos, en):
-                    e = _edge(order, p)
+                for e in range(pos, en):
                     s = _dot(q, r, k, base + col[e], zero) * sc
                     weights[e] = s
                     mx = max(mx, s)
@@ -290,11 +304,10 @@ def forward(
                 mx = row_max[r]
                 total = zero if t == 0 else row_scale[r]  # the row's running sum until its end
                 pos, en = lo[t, r], hi[t, r]
-                _prefetch_next(v, lo, hi, t, r, last, n, m, order, col)
+                _prefetch_next(v, lo, hi, t, r, last, n, m, col)
                 while pos + _UNROLL <= en:
-                    _prefetch_ahead(v, base, col, order, pos, en)
-                    e0, e1 = _edge(order, pos), _edge(order, pos + 1)
-                    e2, e3 = _edge(order, pos + 2), _edge(order, pos + 3)
+                    _prefetch_ahead(v, base, col, pos, en)
+                    e0, e1, e2, e3 = pos, pos + 1, pos + 2, pos + 3
                     w0, w1 = np.exp(weights[e0] - mx), np.exp(weights[e1] - mx)
                     w2, w3 = np.exp(weights[e2] - mx), np.exp(weights[e3] - mx)
                     weights[e0], weights[e1], weights[e2], weights[e3] = w0, w1, w2, w3
@@ -306,8 +319,7 @@ def forward(
                         base + col[e0], base + col[e1], base + col[e2], base + col[e3],
                     )  # fmt: skip
                     pos += _UNROLL
-                for p in range(pos, en):
-                    e = _edge(order, p)
+                for e in range(pos, en):
                     w = np.exp(weights[e] - mx)
                     weights[e] = w
                     total += w
@@ -323,7 +335,7 @@ def forward(
 
 @njit(parallel=True, cache=True, fastmath=_FASTMATH)
 def backward_rows(
-    lo, hi, order, col, tpos, k, v, drop, weights, row_scale, out, g, scale, n, m, gq, w, w_t, rs
+    lo, hi, col, tpos, k, v, drop, weights, row_scale, out, g, scale, n, m, gq, w, w_t, rs
 ):  # pragma: no cover
     """By-query pass of backward: ``gq`` and the gradients of every edge.
 
@@ -334,8 +346,9 @@ def backward_rows(
     ``lambda_e`` is ``G_e = clip(t_e + g_pair[p], -1, 1)`` (``g_pair`` = gradient of the pair's
     edge count).
 
-    ``w`` (E,) receives ``t`` in CSR order; ``w_t`` (E, 2) receives ``(t, pi drop)`` at the
-    edge's by-key position ``tpos[e]``, side by side so that each scattered write touches one
+    Per-edge arrays are by position in the layout of ``lo, hi``. ``w`` (E,) receives ``t``;
+    ``w_t`` (E, 2) receives ``(t, pi drop)`` at the edge's by-key position ``tpos[e]``, side by
+    side so that each scattered write touches one
     cache line. ``G`` is not stored: the products recompute it from ``t`` (see :func:`ste_spmm`),
     which halves the per-edge scratch and the bytes every later pass streams (8 and 16 bytes
     per edge in float32 instead of 24 and 48). ``rs`` (R,) is scratch.
@@ -361,11 +374,10 @@ def backward_rows(
                     rs_r = rs[r]
                 sr = row_scale[r]
                 pos = st
-                _prefetch_next(v, lo, hi, t, r, last, n, m, order, col)
+                _prefetch_next(v, lo, hi, t, r, last, n, m, col)
                 while pos + _UNROLL <= en:
-                    _prefetch_ahead(v, base, col, order, pos, en)
-                    e0, e1 = _edge(order, pos), _edge(order, pos + 1)
-                    e2, e3 = _edge(order, pos + 2), _edge(order, pos + 3)
+                    _prefetch_ahead(v, base, col, pos, en)
+                    e0, e1, e2, e3 = pos, pos + 1, pos + 2, pos + 3
                     gp0, gp1, gp2, gp3 = _dot4(
                         g, r, v, base + col[e0], base + col[e1], base + col[e2], base + col[e3],
                         zero,
@@ -375,8 +387,7 @@ def backward_rows(
                     _edge_grad(e2, gp2, weights, sr, drop, has_drop, rs_r, tpos, w, w_t)
                     _edge_grad(e3, gp3, weights, sr, drop, has_drop, rs_r, tpos, w, w_t)
                     pos += _UNROLL
-                for p in range(pos, en):
-                    e = _edge(order, p)
+                for e in range(pos, en):
                     gp = _dot(g, r, v, base + col[e], zero)
                     _edge_grad(e, gp, weights, sr, drop, has_drop, rs_r, tpos, w, w_t)
         for t in range(num_tiles):
@@ -385,18 +396,16 @@ def backward_rows(
                 st, en = lo[t, r], hi[t, r]
                 base = (r // n) * m
                 pos = st
-                _prefetch_next(k, lo, hi, t, r, last, n, m, order, col)
+                _prefetch_next(k, lo, hi, t, r, last, n, m, col)
                 while pos + _UNROLL <= en:
-                    _prefetch_ahead(k, base, col, order, pos, en)
-                    e0, e1 = _edge(order, pos), _edge(order, pos + 1)
-                    e2, e3 = _edge(order, pos + 2), _edge(order, pos + 3)
+                    _prefetch_ahead(k, base, col, pos, en)
+                    e0, e1, e2, e3 = pos, pos + 1, pos + 2, pos + 3
                     _axpy4(
                         gq, r, k, w[e0] * sc, w[e1] * sc, w[e2] * sc, w[e3] * sc,
                         base + col[e0], base + col[e1], base + col[e2], base + col[e3],
                     )  # fmt: skip
                     pos += _UNROLL
-                for p in range(pos, en):
-                    e = _edge(order, p)
+                for e in range(pos, en):
                     _axpy(gq, r, k, w[e] * sc, base + col[e])
 
 
@@ -457,7 +466,7 @@ def _axpy_rows(out, c, x, w_t, which, trow, rbase, st, en):  # pragma: no cover
 
 
 @njit(parallel=True, cache=True, fastmath=_FASTMATH)
-def ste_spmm(lo, hi, order, idx, vals, g_pair, x, n_self, n_other, out):  # pragma: no cover
+def ste_spmm(lo, hi, idx, vals, g_pair, x, n_self, n_other, out):  # pragma: no cover
     """``out_r = sum over edges e of row r of G_e x[other-side row of e]``, by tile, with the
     straight-through gradient ``G_e = clip(vals[e, 0] + g_pair[r // n_self], -1, 1)``.
 
@@ -486,12 +495,11 @@ def ste_spmm(lo, hi, order, idx, vals, g_pair, x, n_self, n_other, out):  # prag
                 base = (r // n_self) * n_other
                 shift = g_pair[r // n_self]
                 st, en = lo[t, r], hi[t, r]
-                _prefetch_next(x, lo, hi, t, r, last, n_self, n_other, order, idx)
+                _prefetch_next(x, lo, hi, t, r, last, n_self, n_other, idx)
                 pos = st
                 while pos + _UNROLL <= en:
-                    _prefetch_ahead(x, base, idx, order, pos, en)
-                    e0, e1 = _edge(order, pos), _edge(order, pos + 1)
-                    e2, e3 = _edge(order, pos + 2), _edge(order, pos + 3)
+                    _prefetch_ahead(x, base, idx, pos, en)
+                    e0, e1, e2, e3 = pos, pos + 1, pos + 2, pos + 3
                     _axpy4(
                         out, r, x, _clip(vals[e0, 0] + shift, g_lo, g_hi),
                         _clip(vals[e1, 0] + shift, g_lo, g_hi),
@@ -500,8 +508,7 @@ def ste_spmm(lo, hi, order, idx, vals, g_pair, x, n_self, n_other, out):  # prag
                         base + idx[e2], base + idx[e3],
                     )  # fmt: skip
                     pos += _UNROLL
-                for p in range(pos, en):
-                    e = _edge(order, p)
+                for e in range(pos, en):
                     _axpy(out, r, x, _clip(vals[e, 0] + shift, g_lo, g_hi), base + idx[e])
 
 

@@ -205,14 +205,12 @@ class NumbaKernels:
         sync_threads()
         n, m = graph.num_queries, graph.num_keys
         out = q.new_empty(q.shape[0], v.shape[1])
-        weights = torch.from_numpy(recycled(graph.num_edges, _np(q).dtype))  # kept for backward
+        weights = torch.from_numpy(recycled(graph.num_edges, _np(q).dtype))  # layout order
         row_scale = q.new_empty(q.shape[0])
-        drop_np = _np(drop) if drop is not None else _np(q.new_empty(0))
-        width = max(k.shape[1], v.shape[1]) * k.element_size()
-        ptr, order = _row_tiles(graph, _num_tiles(m * width, graph.num_edges / max(q.shape[0], 1)))
+        lay = _layout(graph, m * max(k.shape[1], v.shape[1]) * k.element_size())
         nk.forward(
-            ptr[:-1], ptr[1:], order, _np(graph.col_indices), _np(q), _np(k), _np(v), drop_np,
-            scale, n, m, out.numpy(), weights.numpy(), row_scale.numpy(),
+            lay.lo, lay.hi, lay.col, _np(q), _np(k), _np(v), _drop(drop, lay, q), scale, n, m,
+            out.numpy(), weights.numpy(), row_scale.numpy(),
             scratch("row_max", (q.shape[0],), _np(q).dtype),
         )  # fmt: skip
         return out, Softmax(weights, row_scale)
@@ -234,23 +232,20 @@ class NumbaKernels:
 
         sync_threads()
         n, m, e = graph.num_queries, graph.num_keys, graph.num_edges
-        per_query, per_key = e / max(q.shape[0], 1), e / max(k.shape[0], 1)
-        t = _by_key(graph, _key_side_tile_shift(n, per_key))
-        lo_t, hi_t = _tile_major(t.ptr, k.shape[0])
-        col, trow = _np(graph.col_indices), _np(t.row_indices)
-        drop_np = _np(drop) if drop is not None else _np(q.new_empty(0))
+        lay = _layout(graph, m * max(k.shape[1], v.shape[1]) * k.element_size())
+        t = _by_key(graph, lay)
+        lo_t, hi_t = _bounds(t.ptr, k.shape[0])
+        trow = _np(t.row_indices)
+        drop_np = _drop(drop, lay, q)
         g = _np(grad_out)
         pairs = graph.batch_size * graph.num_heads
         g_pair = _np(ste.g_pair.to(q.dtype) if ste is not None else q.new_zeros(pairs))
-        item = q.element_size()
         dtype = _np(q).dtype
         gq = torch.empty_like(q)
         w = scratch("edge_weights", (e,), dtype)  # per edge, by query: t
         w_t = scratch("edge_weights_t", (e, 2), dtype)  # by key: t, pi * drop
-        width = max(k.shape[1], v.shape[1]) * item  # k and v are gathered in separate passes
-        ptr, order = _row_tiles(graph, _num_tiles(m * width, per_query))
         nk.backward_rows(
-            ptr[:-1], ptr[1:], order, col, _np(t.tpos), _np(k), _np(v), drop_np,
+            lay.lo, lay.hi, lay.col, _np(t.tpos), _np(k), _np(v), drop_np,
             _np(softmax.weights), _np(softmax.row_scale), _np(out), g,
             scale, n, m, gq.numpy(), w, w_t, scratch("row_scratch", (q.shape[0],), dtype),
         )  # fmt: skip
@@ -262,40 +257,33 @@ class NumbaKernels:
         # (B*H*N, K) products consumed within the caller's backward: reused scratch, not fresh
         # memory paid for in page faults at every call.
         gz = scratch("ste_gz", (q.shape[0], z.shape[1]), dtype)
-        ptr, order = _row_tiles(graph, _num_tiles(m * z.shape[1] * item, per_query, wide=True))
-        nk.ste_spmm(ptr[:-1], ptr[1:], order, col, w.reshape(e, 1), g_pair, z, n, m, gz)
+        nk.ste_spmm(lay.lo, lay.hi, lay.col, w.reshape(e, 1), g_pair, z, n, m, gz)
         gy = scratch("ste_gy", (k.shape[0], y.shape[1]), dtype)
-        nk.ste_spmm(lo_t, hi_t, trow[:0], trow, w_t, g_pair, y, m, n, gy)
+        nk.ste_spmm(lo_t, hi_t, trow, w_t, g_pair, y, m, n, gy)
         return Grads(gq, gk, gv, torch.from_numpy(gz), torch.from_numpy(gy))
 
 
-#: A table gathered from (one pair's rows) larger than this is split into tiles gathered one at
-#: a time, so that the rows being gathered stay in cache (4 MiB measured 0.93-0.96x the time of
-#: 2 MiB at N = 16k, 1 % density and N = 64k, 32 and 128 edges per query; 8 MiB and more,
-#: slower)...
-_TILE_BYTES = 4 << 20
-#: ...as long as rows keep at least this many edges per tile (each tile pass re-reads the rows'
-#: own data, and the kernels take edges four at a time). Side by side at N = 64k, 32 edges per
-#: query: 16 measured 0.86-0.91x the time of 2 (16 tiles instead of 2); no clear difference at
-#: N = 16k or at 128 edges per query.
-_MIN_EDGES_PER_TILE = 16
-#: The membership products gather and accumulate K-wide rows: every tile pass reads and writes
-#: each row's accumulator (512 bytes at K = 128) again, so they take fewer, larger tiles
-#: (8 MiB: backward 0.965x the time of 4 MiB at N = 64k, 128 edges per query; whole step
-#: 0.93-0.97x; N = 16k and 32 edges per query unchanged within noise).
-_WIDE_TILE_BYTES = 8 << 20
+#: The by-query kernels gather from key tiles of at least this many keys (the sampler's
+#: grouping)...
+_QUERY_SIDE_TILE_KEYS = 1 << TILE_SHIFT
+#: ...as many as leave each row at least this many edges per tile on average. Laid out
+#: tile-major (:func:`_layout`), against each row's edges grouped by 4 MiB (8 MiB for the
+#: membership product) tiles, kernel by kernel: at N = 64k, 128 edges per query (8 tiles)
+#: forward 1.08x, by-query backward pass 0.86x, membership product 0.74x; at 16k (4 tiles)
+#: 1.01x, 0.93x, 0.81x; at 64k, 32 edges per query (2 tiles) 0.95x, 0.93x, 0.75x; at 16k (2
+#: tiles) 1.05x, 1.06x, 0.93x. Tiles of 8 edges per row lost in the forward (1.1-1.3x).
+_MIN_EDGES_PER_QUERY_TILE = 16
+#: One tile (the CSR order, no layout pass) while one pair's keys and values fit this: at
+#: N = 16k (2 MiB) four tiles measured 1.06x the whole step, one tile as before 1.0-1.02x.
+_UNTILED_BYTES = 4 << 20
 
 
-def _num_tiles(pair_bytes: float, edges_per_row: float, *, wide: bool = False) -> int:
-    """Tiles (a power of two) that bring one pair's table under ``_TILE_BYTES`` (``wide``:
-    ``_WIDE_TILE_BYTES``), fewer if rows would keep fewer than ``_MIN_EDGES_PER_TILE`` edges per
-    tile."""
-    limit = _WIDE_TILE_BYTES if wide else _TILE_BYTES
+def _tiles(rows: int, min_rows: int, edges_per_row: float, min_edges: int) -> int:
+    """Power-of-two tiles over ``rows`` table rows: as many as keep at least ``min_rows`` rows
+    and ``min_edges`` edges per row (of the other side) per tile."""
     tiles = 1
-    while pair_bytes / tiles > limit:
+    while rows / (2 * tiles) >= max(min_rows, 1) and edges_per_row / (2 * tiles) >= min_edges:
         tiles *= 2
-    while tiles > 1 and edges_per_row / tiles < _MIN_EDGES_PER_TILE:
-        tiles //= 2
     return tiles
 
 
@@ -383,31 +371,81 @@ _MIN_EDGES_PER_KEY_TILE = 8
 
 def _key_side_tile_shift(num_queries: int, edges_per_key: float) -> int | None:
     """log2 of the queries per tile of the transposed graph the by-key passes use (None: one
-    tile; see ``_KEY_SIDE_TILE_ROWS``)."""
-    rows = max(_KEY_SIDE_TILE_ROWS, 1)
-    while rows < num_queries and edges_per_key * rows / num_queries < _MIN_EDGES_PER_KEY_TILE:
-        rows *= 2
-    return None if rows >= num_queries else rows.bit_length() - 1
+    tile)."""
+    tiles = _tiles(num_queries, _KEY_SIDE_TILE_ROWS, edges_per_key, _MIN_EDGES_PER_KEY_TILE)
+    return None if tiles == 1 else _tile_shift(num_queries, tiles)[0]
 
 
-def _by_key(graph: Graph, tile_shift: int | None) -> TransposedGraph:
-    """The transposed graph for the numba backward: the graph's cached one if it has it, else
-    one in scratch memory, valid until the next call on this thread (see
+def _bounds(ptr: Tensor | np.ndarray, num_rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(lo, hi)`` (T, R) segment bounds of tile-major pointers ``(T*R + 1,)``."""
+    p = ptr.numpy() if isinstance(ptr, Tensor) else ptr
+    tiles = (p.shape[0] - 1) // max(num_rows, 1)
+    return p[:-1].reshape(tiles, num_rows), p[1:].reshape(tiles, num_rows)
+
+
+class Layout(NamedTuple):
+    """A graph's edges as the numba kernels walk them by query: tile-major over key tiles
+    (row by row within each tile). ``lo, hi`` (T, R) bound each (tile, row) segment, ``col``
+    (E,) holds the keys in that order and ``kpos`` (E,) the position of each CSR edge."""
+
+    lo: np.ndarray
+    hi: np.ndarray
+    col: np.ndarray
+    kpos: np.ndarray
+
+
+def _layout(graph: Graph, table_bytes: int) -> Layout:
+    """The graph's :class:`Layout` (cached per graph): one pass over the edges (none for one
+    tile: the CSR order itself). One tile while one pair's keys and values (``table_bytes``)
+    fit ``_UNTILED_BYTES``; its two arrays come from the recycled pool."""
+    from sbm_transformer.ops import _numba_kernels as nk
+
+    def build() -> Layout:
+        rows = graph.batch_size * graph.num_heads * graph.num_queries
+        per_row = graph.num_edges / max(rows, 1)
+        tiles = _tiles(
+            graph.num_keys, _QUERY_SIDE_TILE_KEYS, per_row, _MIN_EDGES_PER_QUERY_TILE
+        ) if table_bytes > _UNTILED_BYTES else 1  # fmt: skip
+        crow, col = _np(graph.crow_indices), _np(graph.col_indices)
+        if tiles == 1:
+            return Layout(crow[None, :-1], crow[None, 1:], col, col[:0])
+        ptr, order = _row_tiles(graph, tiles)
+        tptr = np.zeros(tiles * rows + 1, crow.dtype)
+        np.cumsum((ptr[1:] - ptr[:-1]).ravel(), out=tptr[1:])
+        kcol, kpos = recycled(col.shape[0], col.dtype), recycled(col.shape[0], col.dtype)
+        nk.tile_major(ptr, order, col, tptr, kcol, kpos)
+        return Layout(*_bounds(tptr, rows), kcol, kpos)
+
+    return _cached(graph, "layout", build)
+
+
+def _by_key(graph: Graph, lay: Layout) -> TransposedGraph:
+    """The transposed graph the by-key passes use (query tiles, see ``_KEY_SIDE_TILE_ROWS``),
+    its ``tpos`` indexed by position in ``lay``: the graph's cached one if it has it and ``lay``
+    is the CSR order, else one in scratch memory, valid until the next call on this thread (see
     :func:`~sbm_transformer.graph.transpose_into`)."""
-    cached = graph._cache.get(("transpose", one_tile_as_none(tile_shift, graph.num_queries)))
-    if isinstance(cached, TransposedGraph):
-        return cached
+    cols = graph.batch_size * graph.num_heads * graph.num_keys
+    shift = _key_side_tile_shift(graph.num_queries, graph.num_edges / max(cols, 1))
+    if lay.kpos.shape[0] == 0:
+        cached = graph._cache.get(("transpose", one_tile_as_none(shift, graph.num_queries)))
+        if isinstance(cached, TransposedGraph):
+            return cached
     dtype = _np(graph.col_indices).dtype
     rows = scratch("transpose_rows", (graph.num_edges,), dtype)
     tpos = scratch("transpose_positions", (graph.num_edges,), dtype)
-    return transpose_into(graph, tile_shift, rows, tpos)
+    return transpose_into(graph, shift, rows, tpos, lay.kpos if lay.kpos.shape[0] else None)
 
 
-def _tile_major(ptr: Tensor, num_cols: int) -> tuple[np.ndarray, np.ndarray]:
-    """``(lo, hi)`` (T, C) segment bounds of tile-major pointers ``(T*C + 1,)``."""
-    p = _np(ptr)
-    tiles = (p.shape[0] - 1) // max(num_cols, 1)
-    return p[:-1].reshape(tiles, num_cols), p[1:].reshape(tiles, num_cols)
+def _drop(drop: Tensor | None, lay: Layout, like: Tensor) -> np.ndarray:
+    """The dropout factors (CSR order) by position in ``lay``; empty without dropout."""
+    if drop is None:
+        return _np(like.new_empty(0))
+    d = _np(drop)
+    if lay.kpos.shape[0] == 0:
+        return d
+    out = np.empty_like(d)
+    out[lay.kpos] = d
+    return out
 
 
 _TORCH = TorchKernels()
