@@ -241,9 +241,14 @@ def test_any_graph_any_shape_parity(dims, density, seed) -> None:
 
 @pytest.mark.skipif("sparse-numba" not in SPARSE_BACKENDS, reason="numba not installed")
 @pytest.mark.parametrize("graph_kind", ["sampled", "sorted", "unordered"])
-def test_tiled_kernels_match(monkeypatch: pytest.MonkeyPatch, graph_kind: str) -> None:
+@pytest.mark.parametrize("query_tiled", [True, False])
+def test_tiled_kernels_match(
+    monkeypatch: pytest.MonkeyPatch, graph_kind: str, query_tiled: bool
+) -> None:
     """Tables larger than a tile are gathered tile by tile: same outputs and gradients, whether
-    rows come grouped by tile (sorted) or not (then they are regrouped)."""
+    rows come grouped by tile (sorted) or not (then they are regrouped). With key tiles, the
+    by-key products scatter from the layout (no transposed graph); with one, they gather over
+    the transposed graph, itself in query tiles."""
     from sbm_transformer.ops import kernels
 
     inputs = make_case(2, 2, 37, 29, 4, 3, 5)
@@ -259,9 +264,10 @@ def test_tiled_kernels_match(monkeypatch: pytest.MonkeyPatch, graph_kind: str) -
         order = torch.argsort(rows * 1000 - graph.col_indices.long(), stable=True)
         graph = Graph(graph.crow_indices, graph.col_indices[order], graph.shape)
     want = run(inputs, graph, "dense", key_padding_mask=mask)
-    monkeypatch.setattr(kernels, "_QUERY_SIDE_TILE_KEYS", 4)  # by query: 4 tiles of 8 keys
-    monkeypatch.setattr(kernels, "_MIN_EDGES_PER_QUERY_TILE", 0)
-    monkeypatch.setattr(kernels, "_UNTILED_BYTES", 0)
+    if query_tiled:
+        monkeypatch.setattr(kernels, "_QUERY_SIDE_TILE_KEYS", 4)  # by query: 4 tiles of 8 keys
+        monkeypatch.setattr(kernels, "_MIN_EDGES_PER_QUERY_TILE", 0)
+        monkeypatch.setattr(kernels, "_UNTILED_BYTES", 0)
     monkeypatch.setattr(kernels, "_KEY_SIDE_TILE_ROWS", 8)  # by key: 3 tiles of 16 queries
     monkeypatch.setattr(kernels, "_MIN_EDGES_PER_KEY_TILE", 0)
     key_shifts = []
@@ -275,14 +281,19 @@ def test_tiled_kernels_match(monkeypatch: pytest.MonkeyPatch, graph_kind: str) -
     got = run(inputs, graph, "sparse-numba", key_padding_mask=mask)
     assert_close_all(got, want)
     shifts = [key[1] for key in graph._cache if isinstance(key, tuple) and key[0] == "row_tiles"]
-    assert shifts == [3] and graph._cache["layout"].lo.shape == (4, 2 * 2 * 37)  # really tiled
-    assert key_shifts == [4]  # by key too (tiles of 16 queries)
+    if query_tiled:
+        assert shifts == [3] and graph._cache["layout"].lo.shape == (4, 2 * 2 * 37)  # tiled
+        assert graph._cache["layout"].tile_keys == 8
+        assert key_shifts == []  # scattered from the layout
+    else:
+        assert shifts == [] and graph._cache["layout"].lo.shape == (1, 2 * 2 * 37)
+        assert key_shifts == [4]  # gathered by key, in tiles of 16 queries
 
 
 @pytest.mark.skipif("sparse-numba" not in SPARSE_BACKENDS, reason="numba not installed")
-@pytest.mark.parametrize("tiled", [False, True])
+@pytest.mark.parametrize("tiled", ["no", "by query", "by key"])
 @pytest.mark.parametrize("dropout_p", [0.0, 0.3])
-def test_unrolled_edge_loops_match(monkeypatch: pytest.MonkeyPatch, tiled: bool, dropout_p: float):
+def test_unrolled_edge_loops_match(monkeypatch: pytest.MonkeyPatch, tiled: str, dropout_p: float):
     """The numba kernels take edges four at a time, then the rest one by one: rows of every
     length mod 4, in one tile or in several, with and without dropout, match the reference."""
     from sbm_transformer.ops import kernels
@@ -292,11 +303,12 @@ def test_unrolled_edge_loops_match(monkeypatch: pytest.MonkeyPatch, tiled: bool,
     lengths = torch.arange(n) * 2 + 5  # 5 to 21 keys: every remainder mod 4
     dense = torch.arange(m)[None, :] < lengths[:, None]
     graph = Graph.from_dense(dense.expand(b, h, n, m))
-    if tiled:
-        monkeypatch.setattr(kernels, "_QUERY_SIDE_TILE_KEYS", 8)  # by query: 16 keys and 7
+    if tiled == "by query":  # and the by-key products scattered from its tiles
+        monkeypatch.setattr(kernels, "_QUERY_SIDE_TILE_KEYS", 8)  # 16 keys and 7
         monkeypatch.setattr(kernels, "_MIN_EDGES_PER_QUERY_TILE", 0)
         monkeypatch.setattr(kernels, "_UNTILED_BYTES", 0)
-        monkeypatch.setattr(kernels, "_KEY_SIDE_TILE_ROWS", 2)  # by key: 3 tiles of 4 queries
+    if tiled == "by key":
+        monkeypatch.setattr(kernels, "_KEY_SIDE_TILE_ROWS", 2)  # 3 tiles of 4 queries
         monkeypatch.setattr(kernels, "_MIN_EDGES_PER_KEY_TILE", 0)
     kw = dict(dropout_p=dropout_p)
     want = run(inputs, graph, "dense", generator=torch.Generator().manual_seed(3), **kw)

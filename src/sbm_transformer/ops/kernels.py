@@ -233,9 +233,9 @@ class NumbaKernels:
         sync_threads()
         n, m, e = graph.num_queries, graph.num_keys, graph.num_edges
         lay = _layout(graph, m * max(k.shape[1], v.shape[1]) * k.element_size())
-        t = _by_key(graph, lay)
-        lo_t, hi_t = _bounds(t.ptr, k.shape[0])
-        trow = _np(t.row_indices)
+        # By-key products: scattered from the layout when it has several key tiles, else
+        # gathered over the transposed graph (see _numba_kernels.scatter_cols).
+        t = None if lay.tiled else _by_key(graph)
         drop_np = _drop(drop, lay, q)
         g = _np(grad_out)
         pairs = graph.batch_size * graph.num_heads
@@ -243,14 +243,22 @@ class NumbaKernels:
         dtype = _np(q).dtype
         gq = torch.empty_like(q)
         w = scratch("edge_weights", (e,), dtype)  # per edge, by query: t
-        w_t = scratch("edge_weights_t", (e, 2), dtype)  # by key: t, pi * drop
+        w_t = scratch("edge_weights_t", (e, 2), dtype)  # t, pi * drop: by key, or as in lay
         nk.backward_rows(
-            lay.lo, lay.hi, lay.col, _np(t.tpos), _np(k), _np(v), drop_np,
-            _np(softmax.weights), _np(softmax.row_scale), _np(out), g,
+            lay.lo, lay.hi, lay.col, _np(t.tpos) if t is not None else lay.kpos[:0],
+            _np(k), _np(v), drop_np, _np(softmax.weights), _np(softmax.row_scale), _np(out), g,
             scale, n, m, gq.numpy(), w, w_t, scratch("row_scratch", (q.shape[0],), dtype),
         )  # fmt: skip
         gk, gv = torch.empty_like(k), torch.empty_like(v)
-        nk.backward_cols(lo_t, hi_t, trow, _np(q), g, w_t, scale, n, m, gk.numpy(), gv.numpy())
+        if t is None:
+            nk.scatter_cols(
+                lay.lo, lay.hi, lay.col, _np(q), g, w_t, scale, n, m, lay.tile_keys,
+                gk.numpy(), gv.numpy(),
+            )  # fmt: skip
+        else:
+            lo_t, hi_t = _bounds(t.ptr, k.shape[0])
+            trow = _np(t.row_indices)
+            nk.backward_cols(lo_t, hi_t, trow, _np(q), g, w_t, scale, n, m, gk.numpy(), gv.numpy())
         if ste is None:
             return Grads(gq, gk, gv, None, None)
         z, y = _np(ste.z), _np(ste.y)
@@ -259,7 +267,10 @@ class NumbaKernels:
         gz = scratch("ste_gz", (q.shape[0], z.shape[1]), dtype)
         nk.ste_spmm(lay.lo, lay.hi, lay.col, w.reshape(e, 1), g_pair, z, n, m, gz)
         gy = scratch("ste_gy", (k.shape[0], y.shape[1]), dtype)
-        nk.ste_spmm(lo_t, hi_t, trow, w_t, g_pair, y, m, n, gy)
+        if t is None:
+            nk.ste_scatter(lay.lo, lay.hi, lay.col, w_t, g_pair, y, n, m, lay.tile_keys, gy)
+        else:
+            nk.ste_spmm(lo_t, hi_t, trow, w_t, g_pair, y, m, n, gy)
         return Grads(gq, gk, gv, torch.from_numpy(gz), torch.from_numpy(gy))
 
 
@@ -384,14 +395,20 @@ def _bounds(ptr: Tensor | np.ndarray, num_rows: int) -> tuple[np.ndarray, np.nda
 
 
 class Layout(NamedTuple):
-    """A graph's edges as the numba kernels walk them by query: tile-major over key tiles
-    (row by row within each tile). ``lo, hi`` (T, R) bound each (tile, row) segment, ``col``
-    (E,) holds the keys in that order and ``kpos`` (E,) the position of each CSR edge."""
+    """A graph's edges as the numba kernels walk them by query: tile-major over key tiles of
+    ``tile_keys`` keys (row by row within each tile). ``lo, hi`` (T, R) bound each (tile, row)
+    segment, ``col`` (E,) holds the keys in that order and ``kpos`` (E,) the position of each
+    CSR edge (empty for one tile: the CSR order)."""
 
     lo: np.ndarray
     hi: np.ndarray
     col: np.ndarray
     kpos: np.ndarray
+    tile_keys: int
+
+    @property
+    def tiled(self) -> bool:
+        return self.lo.shape[0] > 1
 
 
 def _layout(graph: Graph, table_bytes: int) -> Layout:
@@ -408,32 +425,31 @@ def _layout(graph: Graph, table_bytes: int) -> Layout:
         ) if table_bytes > _UNTILED_BYTES else 1  # fmt: skip
         crow, col = _np(graph.crow_indices), _np(graph.col_indices)
         if tiles == 1:
-            return Layout(crow[None, :-1], crow[None, 1:], col, col[:0])
+            return Layout(crow[None, :-1], crow[None, 1:], col, col[:0], graph.num_keys)
+        shift, _ = _tile_shift(graph.num_keys, tiles)
         ptr, order = _row_tiles(graph, tiles)
         tptr = np.zeros(tiles * rows + 1, crow.dtype)
         np.cumsum((ptr[1:] - ptr[:-1]).ravel(), out=tptr[1:])
         kcol, kpos = recycled(col.shape[0], col.dtype), recycled(col.shape[0], col.dtype)
         nk.tile_major(ptr, order, col, tptr, kcol, kpos)
-        return Layout(*_bounds(tptr, rows), kcol, kpos)
+        return Layout(*_bounds(tptr, rows), kcol, kpos, 1 << shift)
 
     return _cached(graph, "layout", build)
 
 
-def _by_key(graph: Graph, lay: Layout) -> TransposedGraph:
-    """The transposed graph the by-key passes use (query tiles, see ``_KEY_SIDE_TILE_ROWS``),
-    its ``tpos`` indexed by position in ``lay``: the graph's cached one if it has it and ``lay``
-    is the CSR order, else one in scratch memory, valid until the next call on this thread (see
-    :func:`~sbm_transformer.graph.transpose_into`)."""
+def _by_key(graph: Graph) -> TransposedGraph:
+    """The transposed graph the by-key passes use (query tiles, see ``_KEY_SIDE_TILE_ROWS``):
+    the graph's cached one if it has it, else one in scratch memory, valid until the next call on
+    this thread (see :func:`~sbm_transformer.graph.transpose_into`)."""
     cols = graph.batch_size * graph.num_heads * graph.num_keys
     shift = _key_side_tile_shift(graph.num_queries, graph.num_edges / max(cols, 1))
-    if lay.kpos.shape[0] == 0:
-        cached = graph._cache.get(("transpose", one_tile_as_none(shift, graph.num_queries)))
-        if isinstance(cached, TransposedGraph):
-            return cached
+    cached = graph._cache.get(("transpose", one_tile_as_none(shift, graph.num_queries)))
+    if isinstance(cached, TransposedGraph):
+        return cached
     dtype = _np(graph.col_indices).dtype
     rows = scratch("transpose_rows", (graph.num_edges,), dtype)
     tpos = scratch("transpose_positions", (graph.num_edges,), dtype)
-    return transpose_into(graph, shift, rows, tpos, lay.kpos if lay.kpos.shape[0] else None)
+    return transpose_into(graph, shift, rows, tpos)
 
 
 def _drop(drop: Tensor | None, lay: Layout, like: Tensor) -> np.ndarray:
