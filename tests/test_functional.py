@@ -307,6 +307,7 @@ def test_unrolled_edge_loops_match(monkeypatch: pytest.MonkeyPatch, tiled: str, 
         monkeypatch.setattr(kernels, "_QUERY_SIDE_TILE_KEYS", 8)  # 16 keys and 7
         monkeypatch.setattr(kernels, "_MIN_EDGES_PER_QUERY_TILE", 0)
         monkeypatch.setattr(kernels, "_UNTILED_BYTES", 0)
+        monkeypatch.setattr(kernels, "_SCATTER_MIN_TILES", 2)
     if tiled == "by key":
         monkeypatch.setattr(kernels, "_KEY_SIDE_TILE_ROWS", 2)  # 3 tiles of 4 queries
         monkeypatch.setattr(kernels, "_MIN_EDGES_PER_KEY_TILE", 0)

@@ -235,7 +235,7 @@ class NumbaKernels:
         lay = _layout(graph, m * max(k.shape[1], v.shape[1]) * k.element_size())
         # By-key products: scattered from the layout when it has several key tiles, else
         # gathered over the transposed graph (see _numba_kernels.scatter_cols).
-        t = None if lay.tiled else _by_key(graph)
+        t = None if lay.lo.shape[0] >= _SCATTER_MIN_TILES else _by_key(graph)
         drop_np = _drop(drop, lay, q)
         g = _np(grad_out)
         pairs = graph.batch_size * graph.num_heads
@@ -282,8 +282,15 @@ _QUERY_SIDE_TILE_KEYS = 1 << TILE_SHIFT
 #: membership product) tiles, kernel by kernel: at N = 64k, 128 edges per query (8 tiles)
 #: forward 1.08x, by-query backward pass 0.86x, membership product 0.74x; at 16k (4 tiles)
 #: 1.01x, 0.93x, 0.81x; at 64k, 32 edges per query (2 tiles) 0.95x, 0.93x, 0.75x; at 16k (2
-#: tiles) 1.05x, 1.06x, 0.93x. Tiles of 8 edges per row lost in the forward (1.1-1.3x).
-_MIN_EDGES_PER_QUERY_TILE = 16
+#: tiles) 1.05x, 1.06x, 0.93x. Tiles of 8 edges per row lost in the forward (1.1-1.3x). The
+#: threshold sits between 8 and 16: a sampled graph's mean edges per row is never exactly the
+#: target, and at 16 the tile count flipped from step to step at 32 edges per query (2 tiles
+#: every step measured 0.954x the whole step at N = 64k).
+_MIN_EDGES_PER_QUERY_TILE = 12
+#: From this many key tiles, the by-key products scatter from the layout (see
+#: ``_numba_kernels.scatter_cols``) instead of gathering over the transposed graph: whole step at
+#: N = 64k, 128 edges per query (8 tiles) 0.956x; 64 (4 tiles) 0.974x; 32 (2 tiles) 1.08x.
+_SCATTER_MIN_TILES = 4
 #: One tile (the CSR order, no layout pass) while one pair's keys and values fit this: at
 #: N = 16k (2 MiB) four tiles measured 1.06x the whole step, one tile as before 1.0-1.02x.
 _UNTILED_BYTES = 4 << 20
@@ -377,7 +384,9 @@ _KEY_SIDE_TILE_ROWS = 1 << TILE_SHIFT
 #: N = 64k, 128 edges per query (16 tiles of 4096 queries): by-key pass 0.70x, membership
 #: product 0.77x; N = 16k (4 tiles): 0.69x, 0.78x; N = 64k and 16k, 32 edges per query (4
 #: tiles): 0.85x, 0.71-0.89x. Fewer edges per tile (16 tiles at 32 edges per query) lost again.
-_MIN_EDGES_PER_KEY_TILE = 8
+#: Between 4 and 8, like the query side's threshold, so that 32 edges per query gives 4 tiles at
+#: every step (at 8 it flipped between 2 and 4; 4 every step: 0.963x the whole step at 64k).
+_MIN_EDGES_PER_KEY_TILE = 6
 
 
 def _key_side_tile_shift(num_queries: int, edges_per_key: float) -> int | None:
