@@ -262,3 +262,18 @@ def test_attend_inputs_must_match_the_memberships() -> None:
         attend(q, q, q, Y, Z, B, inputs=good._replace(key_features=torch.randn(1, 2, 4, 8)))
     with pytest.raises(ValueError, match="Y and Z must not require gradients"):
         attend(q, q, q, Y.requires_grad_(True), Z, B, inputs=good, backend="sparse")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_sigmoid_product_by_row_blocks(monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype) -> None:
+    """The memberships, computed by row blocks (here of 3 rows: the last one short), with the
+    clusters broadcast over the batch, equal the plain product's sigmoid."""
+    from sbm_transformer import attention
+
+    monkeypatch.setattr(attention, "_SIGMOID_CHUNK_BYTES", 3 * 5 * torch.finfo(dtype).bits // 8)
+    gen = torch.Generator().manual_seed(0)
+    features = torch.randn(2, 3, 7, 4, generator=gen, dtype=dtype)
+    centers = torch.randn(3, 4, 5, generator=gen, dtype=dtype)
+    got = attention._sigmoid_product(features, centers)
+    assert got.shape == (2, 3, 7, 5) and got.dtype == dtype
+    torch.testing.assert_close(got, torch.sigmoid(features @ centers), rtol=0, atol=1e-6)

@@ -284,12 +284,31 @@ class SBMAttention(nn.Module):
         return self.out_proj(out), stats
 
 
+#: :func:`_sigmoid_product` works by row blocks of about this many bytes of its result.
+_SIGMOID_CHUNK_BYTES = 1 << 20
+
+
 def _sigmoid_product(features: Tensor, centers: Tensor) -> Tensor:
-    """``sigmoid(features @ centers)`` without autograd, in recycled memory on the CPU (each of
-    Y and Z is 64 MiB at N = 64k, K = 128, 2 heads, and would be faulted in at every step)."""
-    if features.dtype != centers.dtype or torch.is_autocast_enabled(features.device.type):
+    """``sigmoid(features @ centers)`` without autograd. On the CPU, in recycled memory (each of
+    Y and Z is 64 MiB at N = 64k, K = 128, 2 heads, and would be faulted in at every step), and
+    by row blocks of ``_SIGMOID_CHUNK_BYTES``, so that the sigmoid finds each block of the product
+    still in cache: 21.7 ms instead of 30.5 per call at N = 64k (16k: 6.8-7.2 ms against
+    6.8-8.0, 31 alternating rounds)."""
+    if (
+        features.device.type != "cpu"
+        or features.dtype != centers.dtype
+        or torch.is_autocast_enabled(features.device.type)
+    ):
         return torch.sigmoid_(features @ centers)
-    shape = (*torch.broadcast_shapes(features.shape[:-2], centers.shape[:-2]),
-             features.shape[-2], centers.shape[-1])  # fmt: skip
-    out = recycled_empty(shape, features)
-    return torch.sigmoid_(torch.matmul(features, centers, out=out))
+    batch = torch.broadcast_shapes(features.shape[:-2], centers.shape[:-2])
+    rows, dim, k = features.shape[-2], features.shape[-1], centers.shape[-1]
+    out = recycled_empty((*batch, rows, k), features)
+    f = features.expand(*batch, rows, dim).reshape(-1, rows, dim)
+    c = centers.expand(*batch, dim, k).reshape(-1, dim, k)
+    o = out.view(-1, rows, k)
+    step = max(1, _SIGMOID_CHUNK_BYTES // (k * out.element_size()))
+    for p in range(o.shape[0]):
+        for first in range(0, rows, step):
+            block = slice(first, first + step)
+            torch.sigmoid_(torch.mm(f[p, block], c[p], out=o[p, block]))
+    return out

@@ -510,7 +510,7 @@ def scatter_cols(lo, hi, col, q, g, w_t, scale, n, m, tile_keys, gk, gv):  # pra
                 if e + _PREFETCH_DISTANCE < en:
                     ahead = base + col[e + _PREFETCH_DISTANCE]
                     _prefetch_row(gk, ahead)  # type: ignore[call-arg]
-                    _prefetch_row(gv, ahead)  # type: ignore[call-arg]
+                    _prefetch_row(gv, ahead)
                 c = base + col[e]
                 a, b = w_t[e, 0] * sc, w_t[e, 1]
                 for d in range(dim):
