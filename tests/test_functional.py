@@ -241,14 +241,12 @@ def test_any_graph_any_shape_parity(dims, density, seed) -> None:
 
 @pytest.mark.skipif("sparse-numba" not in SPARSE_BACKENDS, reason="numba not installed")
 @pytest.mark.parametrize("graph_kind", ["sampled", "sorted", "unordered"])
-@pytest.mark.parametrize("query_tiled", [True, False])
-def test_tiled_kernels_match(
-    monkeypatch: pytest.MonkeyPatch, graph_kind: str, query_tiled: bool
-) -> None:
+@pytest.mark.parametrize("by_key", ["scatter", "gather", "gather, one key tile"])
+def test_tiled_kernels_match(monkeypatch: pytest.MonkeyPatch, graph_kind: str, by_key: str) -> None:
     """Tables larger than a tile are gathered tile by tile: same outputs and gradients, whether
-    rows come grouped by tile (sorted) or not (then they are regrouped). With key tiles, the
-    by-key products scatter from the layout (no transposed graph); with one, they gather over
-    the transposed graph, itself in query tiles."""
+    rows come grouped by tile (sorted) or not (then they are regrouped). With enough key tiles,
+    the by-key products scatter from the layout (no transposed graph); else they gather over the
+    transposed graph, itself in query tiles, whose positions follow the layout's."""
     from sbm_transformer.ops import kernels
 
     inputs = make_case(2, 2, 37, 29, 4, 3, 5)
@@ -264,10 +262,13 @@ def test_tiled_kernels_match(
         order = torch.argsort(rows * 1000 - graph.col_indices.long(), stable=True)
         graph = Graph(graph.crow_indices, graph.col_indices[order], graph.shape)
     want = run(inputs, graph, "dense", key_padding_mask=mask)
+    query_tiled = by_key != "gather, one key tile"
     if query_tiled:
         monkeypatch.setattr(kernels, "_QUERY_SIDE_TILE_KEYS", 4)  # by query: 4 tiles of 8 keys
         monkeypatch.setattr(kernels, "_MIN_EDGES_PER_QUERY_TILE", 0)
         monkeypatch.setattr(kernels, "_UNTILED_BYTES", 0)
+    if by_key == "gather":
+        monkeypatch.setattr(kernels, "_SCATTER_MIN_TILES", 5)
     monkeypatch.setattr(kernels, "_KEY_SIDE_TILE_ROWS", 8)  # by key: 3 tiles of 16 queries
     monkeypatch.setattr(kernels, "_MIN_EDGES_PER_KEY_TILE", 0)
     key_shifts = []
@@ -284,7 +285,7 @@ def test_tiled_kernels_match(
     if query_tiled:
         assert shifts == [3] and graph._cache["layout"].lo.shape == (4, 2 * 2 * 37)  # tiled
         assert graph._cache["layout"].tile_keys == 8
-        assert key_shifts == []  # scattered from the layout
+        assert key_shifts == ([] if by_key == "scatter" else [4])
     else:
         assert shifts == [] and graph._cache["layout"].lo.shape == (1, 2 * 2 * 37)
         assert key_shifts == [4]  # gathered by key, in tiles of 16 queries

@@ -397,12 +397,18 @@ def _transpose(graph: Graph, tile_shift: int | None) -> TransposedGraph:
 
 
 def transpose_into(
-    graph: Graph, tile_shift: int | None, rows: np.ndarray, tpos: np.ndarray
+    graph: Graph,
+    tile_shift: int | None,
+    rows: np.ndarray,
+    tpos: np.ndarray,
+    positions: np.ndarray | None = None,
 ) -> TransposedGraph:
     """:meth:`Graph.transpose` by the numba kernel, its per-edge arrays written into ``rows`` and
     ``tpos`` (each ``(E,)`` of the graph's index dtype) and not cached: the numba backward keeps
     them in reused scratch memory (fresh arrays of 64 MiB each at N = 64k, 128 edges per query,
-    were faulted in again at every step). A CPU graph with numba installed."""
+    were faulted in again at every step). A CPU graph with numba installed. With ``positions``,
+    ``tpos`` is indexed by ``positions[e]`` instead of CSR position e (the numba kernels' own
+    by-query order)."""
     from sbm_transformer.ops import _numba_kernels as nk
 
     b, h, n, m = graph.shape
@@ -416,6 +422,7 @@ def transpose_into(
     ptr = nk.transpose(
         crow, graph.col_indices.numpy(), kptr, key_shift,
         max(1, _TRANSPOSE_KEYS >> key_shift), b * h, n, m, shift, rows, tpos,
+        crow[:0] if positions is None else positions,
     )  # fmt: skip
     return TransposedGraph(
         torch.from_numpy(ptr), torch.from_numpy(rows), torch.from_numpy(tpos),

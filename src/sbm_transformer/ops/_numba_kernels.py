@@ -92,7 +92,7 @@ def _prefetch_row(typingctx, array, row):  # pragma: no cover - code generation
 
 @njit(parallel=True, cache=True)
 def transpose(
-    crow, col, kptr, key_shift, group, num_pairs, n, m, shift, rows, tpos
+    crow, col, kptr, key_shift, group, num_pairs, n, m, shift, rows, tpos, kpos
 ):  # pragma: no cover
     """Counting sort of the edges by (query tile, stacked key column), tile-major; rows stay
     ascending within each (tile, column) segment.
@@ -100,9 +100,10 @@ def transpose(
     Query tiles hold ``2^shift`` queries (a ``shift`` above log2(N) for one tile: CSC order).
     Returns ``ptr`` (T*P*M + 1,), the edges of column c from tile t being positions
     ``ptr[t*P*M + c]`` to ``ptr[t*P*M + c + 1] - 1``, and writes ``rows`` (E,), the local query
-    of each by-key position, and ``tpos`` (E,), the by-key position of each CSR edge. The
-    queries are visited in order, so at each tile's first query the column cursors are set to
-    that tile's starts.
+    of each by-key position, and ``tpos`` (E,), the by-key position of each edge: of CSR edge e
+    at ``e``, or at ``kpos[e]`` when ``kpos`` is not empty (the kernels' by-query order, see
+    :func:`tile_major`). The queries are visited in order, so at each tile's first query the
+    column cursors are set to that tile's starts.
 
     ``kptr`` (KT + 1, P*N) holds where each row's keys of tile ``kt`` (keys ``kt * 2^key_shift``
     on) start, the rows' keys grouped by those tiles (``[crow[:-1], crow[1:]]`` and a
@@ -123,6 +124,7 @@ def transpose(
     for x in range(1, ptr.shape[0]):
         ptr[x] += ptr[x - 1]
     mask = (1 << shift) - 1
+    moved = kpos.shape[0] > 0
     for p in prange(num_pairs):
         cursor = np.empty(m, crow.dtype)
         for g0 in range(0, num_key_tiles, group):
@@ -137,7 +139,7 @@ def transpose(
                     c = col[e]
                     t = cursor[c]
                     cursor[c] = t + 1
-                    tpos[e] = t
+                    tpos[kpos[e] if moved else e] = t
                     rows[t] = i
     return ptr
 

@@ -235,7 +235,7 @@ class NumbaKernels:
         lay = _layout(graph, m * max(k.shape[1], v.shape[1]) * k.element_size())
         # By-key products: scattered from the layout when it has several key tiles, else
         # gathered over the transposed graph (see _numba_kernels.scatter_cols).
-        t = None if lay.lo.shape[0] >= _SCATTER_MIN_TILES else _by_key(graph)
+        t = None if lay.lo.shape[0] >= _SCATTER_MIN_TILES else _by_key(graph, lay)
         drop_np = _drop(drop, lay, q)
         g = _np(grad_out)
         pairs = graph.batch_size * graph.num_heads
@@ -446,19 +446,21 @@ def _layout(graph: Graph, table_bytes: int) -> Layout:
     return _cached(graph, "layout", build)
 
 
-def _by_key(graph: Graph) -> TransposedGraph:
-    """The transposed graph the by-key passes use (query tiles, see ``_KEY_SIDE_TILE_ROWS``):
-    the graph's cached one if it has it, else one in scratch memory, valid until the next call on
-    this thread (see :func:`~sbm_transformer.graph.transpose_into`)."""
+def _by_key(graph: Graph, lay: Layout) -> TransposedGraph:
+    """The transposed graph the by-key passes use (query tiles, see ``_KEY_SIDE_TILE_ROWS``),
+    its ``tpos`` indexed by position in ``lay``: the graph's cached one if it has it and ``lay``
+    is the CSR order, else one in scratch memory, valid until the next call on this thread (see
+    :func:`~sbm_transformer.graph.transpose_into`)."""
     cols = graph.batch_size * graph.num_heads * graph.num_keys
     shift = _key_side_tile_shift(graph.num_queries, graph.num_edges / max(cols, 1))
-    cached = graph._cache.get(("transpose", one_tile_as_none(shift, graph.num_queries)))
-    if isinstance(cached, TransposedGraph):
-        return cached
+    if lay.kpos.shape[0] == 0:
+        cached = graph._cache.get(("transpose", one_tile_as_none(shift, graph.num_queries)))
+        if isinstance(cached, TransposedGraph):
+            return cached
     dtype = _np(graph.col_indices).dtype
     rows = scratch("transpose_rows", (graph.num_edges,), dtype)
     tpos = scratch("transpose_positions", (graph.num_edges,), dtype)
-    return transpose_into(graph, shift, rows, tpos)
+    return transpose_into(graph, shift, rows, tpos, lay.kpos if lay.kpos.shape[0] else None)
 
 
 def _drop(drop: Tensor | None, lay: Layout, like: Tensor) -> np.ndarray:
