@@ -471,7 +471,8 @@ def _axpy_rows(out, c, x, w_t, which, trow, rbase, st, en):  # pragma: no cover
 # the result, reading the rows of the query side in order. Where the layout has several tiles
 # (N = 64k, 128 edges per query: 8 tiles of 8192 keys, 16 edges per row and tile), the results'
 # rows of one unit stay in cache and this measured 0.7x the time of the transpose and the by-key
-# passes it replaces; with one tile (the whole table) it lost (2x at N = 64k, 32 edges per query).
+# passes it replaces (whole step 0.956x); with 2 tiles it lost (1.08x at N = 64k, 32 edges per
+# query: each unit's results are 8-16 MiB), with one (the whole table) 2x.
 
 
 @njit(inline="always")

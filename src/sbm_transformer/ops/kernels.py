@@ -233,8 +233,8 @@ class NumbaKernels:
         sync_threads()
         n, m, e = graph.num_queries, graph.num_keys, graph.num_edges
         lay = _layout(graph, m * max(k.shape[1], v.shape[1]) * k.element_size())
-        # By-key products: scattered from the layout when it has several key tiles, else
-        # gathered over the transposed graph (see _numba_kernels.scatter_cols).
+        # By-key products: scattered from the layout when it has _SCATTER_MIN_TILES key tiles
+        # or more, else gathered over the transposed graph (see _numba_kernels.scatter_cols).
         t = None if lay.lo.shape[0] >= _SCATTER_MIN_TILES else _by_key(graph, lay)
         drop_np = _drop(drop, lay, q)
         g = _np(grad_out)
@@ -414,10 +414,6 @@ class Layout(NamedTuple):
     col: np.ndarray
     kpos: np.ndarray
     tile_keys: int
-
-    @property
-    def tiled(self) -> bool:
-        return self.lo.shape[0] > 1
 
 
 def _layout(graph: Graph, table_bytes: int) -> Layout:
