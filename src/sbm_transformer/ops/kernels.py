@@ -274,22 +274,25 @@ class NumbaKernels:
         return Grads(gq, gk, gv, torch.from_numpy(gz), torch.from_numpy(gy))
 
 
-#: The by-query kernels gather from key tiles of at least this many keys (the sampler's
-#: grouping)...
-_QUERY_SIDE_TILE_KEYS = 1 << TILE_SHIFT
+#: The by-query kernels gather from key tiles of at least this many keys (two of the sampler's
+#: 4096-key groups)...
+_QUERY_SIDE_TILE_KEYS = 2 << TILE_SHIFT
 #: ...as many as leave each row at least this many edges per tile on average. Laid out
 #: tile-major (:func:`_layout`), against each row's edges grouped by 4 MiB (8 MiB for the
 #: membership product) tiles, kernel by kernel: at N = 64k, 128 edges per query (8 tiles)
 #: forward 1.08x, by-query backward pass 0.86x, membership product 0.74x; at 16k (4 tiles)
 #: 1.01x, 0.93x, 0.81x; at 64k, 32 edges per query (2 tiles) 0.95x, 0.93x, 0.75x; at 16k (2
-#: tiles) 1.05x, 1.06x, 0.93x. Tiles of 8 edges per row lost in the forward (1.1-1.3x). The
-#: threshold sits between 8 and 16: a sampled graph's mean edges per row is never exactly the
-#: target, and at 16 the tile count flipped from step to step at 32 edges per query (2 tiles
-#: every step measured 0.954x the whole step at N = 64k).
-_MIN_EDGES_PER_QUERY_TILE = 12
+#: tiles) 1.05x, 1.06x, 0.93x. Whole step, with the by-key products scattered from 4 tiles on:
+#: at N = 64k, 32 edges per query, 4 tiles of 16384 keys (8 edges per row and tile) took
+#: 0.961-0.965x the time of 2; at 128, 16 tiles of 4096 keys took 1.118x that of 8 of 8192,
+#: hence the 8192-key minimum. The threshold sits between 4 and 8: a sampled graph's mean
+#: edges per row is never exactly the target, and a threshold at the target's quotient (16,
+#: once) flipped the tile count from step to step (one count every step: 0.936-0.954x).
+_MIN_EDGES_PER_QUERY_TILE = 6
 #: From this many key tiles, the by-key products scatter from the layout (see
 #: ``_numba_kernels.scatter_cols``) instead of gathering over the transposed graph: whole step at
-#: N = 64k, 128 edges per query (8 tiles) 0.956x; 64 (4 tiles) 0.974x; 32 (2 tiles) 1.08x.
+#: N = 64k, 128 edges per query (8 tiles) 0.956x; 64 (4 tiles of 4096 keys) 0.974x; 32 (2 tiles
+#: of 32768) 1.08x.
 _SCATTER_MIN_TILES = 4
 #: One tile (the CSR order, no layout pass) while one pair's keys and values fit this: at
 #: N = 16k (2 MiB) four tiles measured 1.06x the whole step, one tile as before 1.0-1.02x.
