@@ -291,8 +291,8 @@ _QUERY_SIDE_TILE_KEYS = 2 << TILE_SHIFT
 _MIN_EDGES_PER_QUERY_TILE = 6
 #: From this many key tiles, the by-key products scatter from the layout (see
 #: ``_numba_kernels.scatter_cols``) instead of gathering over the transposed graph: whole step at
-#: N = 64k, 128 edges per query (8 tiles) 0.956x; 64 (4 tiles of 4096 keys) 0.974x; 32 (2 tiles
-#: of 32768) 1.08x.
+#: N = 64k, 128 edges per query (8 tiles) 0.956x; 64 (8 tiles) 0.986x; 32 (2 tiles of 32768
+#: keys) 1.08x.
 _SCATTER_MIN_TILES = 4
 #: One tile (the CSR order, no layout pass) while one pair's keys and values fit this: at
 #: N = 16k (2 MiB) four tiles measured 1.06x the whole step, one tile as before 1.0-1.02x.
@@ -388,7 +388,8 @@ _KEY_SIDE_TILE_ROWS = 1 << TILE_SHIFT
 #: product 0.77x; N = 16k (4 tiles): 0.69x, 0.78x; N = 64k and 16k, 32 edges per query (4
 #: tiles): 0.85x, 0.71-0.89x. Fewer edges per tile (16 tiles at 32 edges per query) lost again.
 #: Between 4 and 8, like the query side's threshold, so that 32 edges per query gives 4 tiles at
-#: every step (at 8 it flipped between 2 and 4; 4 every step: 0.963x the whole step at 64k).
+#: every step (at 8 it flipped between 2 and 4). (At 64k the by-key side now scatters; at 16k, 4
+#: query tiles against 2: 1.008x.)
 _MIN_EDGES_PER_KEY_TILE = 6
 
 
