@@ -242,11 +242,15 @@ def test_any_graph_any_shape_parity(dims, density, seed) -> None:
 @pytest.mark.skipif("sparse-numba" not in SPARSE_BACKENDS, reason="numba not installed")
 @pytest.mark.parametrize("graph_kind", ["sampled", "sorted", "unordered"])
 @pytest.mark.parametrize("by_key", ["scatter", "gather", "gather, one key tile"])
-def test_tiled_kernels_match(monkeypatch: pytest.MonkeyPatch, graph_kind: str, by_key: str) -> None:
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
+def test_tiled_kernels_match(
+    monkeypatch: pytest.MonkeyPatch, graph_kind: str, by_key: str, dropout_p: float
+) -> None:
     """Tables larger than a tile are gathered tile by tile: same outputs and gradients, whether
     rows come grouped by tile (sorted) or not (then they are regrouped). With enough key tiles,
     the by-key products scatter from the layout (no transposed graph); else they gather over the
-    transposed graph, itself in query tiles, whose positions follow the layout's."""
+    transposed graph, itself in query tiles, whose positions follow the layout's. Dropout
+    factors (CSR order) follow the layout too."""
     from sbm_transformer.ops import kernels
 
     inputs = make_case(2, 2, 37, 29, 4, 3, 5)
@@ -261,7 +265,8 @@ def test_tiled_kernels_match(monkeypatch: pytest.MonkeyPatch, graph_kind: str, b
         rows = graph.row_indices().long()
         order = torch.argsort(rows * 1000 - graph.col_indices.long(), stable=True)
         graph = Graph(graph.crow_indices, graph.col_indices[order], graph.shape)
-    want = run(inputs, graph, "dense", key_padding_mask=mask)
+    kw = dict(key_padding_mask=mask, dropout_p=dropout_p)
+    want = run(inputs, graph, "dense", generator=torch.Generator().manual_seed(3), **kw)
     query_tiled = by_key != "gather, one key tile"
     if query_tiled:
         monkeypatch.setattr(kernels, "_QUERY_SIDE_TILE_KEYS", 4)  # by query: 4 tiles of 8 keys
@@ -279,7 +284,7 @@ def test_tiled_kernels_match(monkeypatch: pytest.MonkeyPatch, graph_kind: str, b
 
     real_transpose_into = kernels.transpose_into
     monkeypatch.setattr(kernels, "transpose_into", transpose_into)
-    got = run(inputs, graph, "sparse-numba", key_padding_mask=mask)
+    got = run(inputs, graph, "sparse-numba", generator=torch.Generator().manual_seed(3), **kw)
     assert_close_all(got, want)
     shifts = [key[1] for key in graph._cache if isinstance(key, tuple) and key[0] == "row_tiles"]
     if query_tiled:

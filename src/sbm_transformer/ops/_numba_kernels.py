@@ -156,20 +156,31 @@ def transpose(
 
 
 @njit(parallel=True, cache=True)
-def tile_major(ptr, order, col, tptr, kcol, kpos):  # pragma: no cover
+def tile_major(ptr, order, col, tptr, kcol):  # pragma: no cover
     """The by-query edges tile-major: row r's edges of tile t (grouped positions ``ptr[t, r]``
     to ``ptr[t + 1, r] - 1``, ``order`` mapping them to CSR positions unless empty) go to
-    ``tptr[t*R + r]`` on; ``kcol`` receives their keys, ``kpos[e]`` the new position of CSR edge
-    e. ``tptr`` (T*R + 1,) is the prefix sum of the segment lengths, tile by tile."""
+    ``tptr[t*R + r]`` on; ``kcol`` receives their keys. ``tptr`` (T*R + 1,) is the prefix sum
+    of the segment lengths, tile by tile."""
     num_tiles, num_rows = ptr.shape[0] - 1, ptr.shape[1]
     grouped = order.shape[0] == 0
     for r in prange(num_rows):
         for t in range(num_tiles):
             d = tptr[t * num_rows + r]
             for pos in range(ptr[t, r], ptr[t + 1, r]):
-                e = pos if grouped else order[pos]
-                kcol[d] = col[e]
-                kpos[e] = d
+                kcol[d] = col[pos if grouped else order[pos]]
+                d += 1
+
+
+@njit(parallel=True, cache=True)
+def tile_major_positions(ptr, order, tptr, kpos):  # pragma: no cover
+    """``kpos[e]``: the position :func:`tile_major` (same arguments) gives CSR edge e."""
+    num_tiles, num_rows = ptr.shape[0] - 1, ptr.shape[1]
+    grouped = order.shape[0] == 0
+    for r in prange(num_rows):
+        for t in range(num_tiles):
+            d = tptr[t * num_rows + r]
+            for pos in range(ptr[t, r], ptr[t + 1, r]):
+                kpos[pos if grouped else order[pos]] = d
                 d += 1
 
 
