@@ -512,6 +512,17 @@ def _zero_rows(out, c0, c1):  # pragma: no cover
             out[c, d] = zero
 
 
+@njit(inline="always")
+def _prefetch_stop(hi, t, p, n):  # pragma: no cover
+    """The last edge (exclusive) of a scatter unit whose row ``_PREFETCH_DISTANCE`` edges ahead
+    is prefetched. A unit's edges (all rows of pair ``p`` in tile ``t``) are one contiguous run
+    of the tile-major layout, so the prefetch runs across row boundaries: within each row only,
+    the first ``_PREFETCH_DISTANCE`` edges of every row went unprefetched (about half of them at
+    16 edges per row and tile; kernels 0.74-0.77x at N = 64k, 32 edges per query, 0.90x at 128).
+    """
+    return hi[t, (p + 1) * n - 1] - _PREFETCH_DISTANCE
+
+
 @njit(parallel=True, cache=True, fastmath=_FASTMATH)
 def scatter_cols(lo, hi, col, q, g, w_t, scale, n, m, tile_keys, gk, gv):  # pragma: no cover
     """:func:`backward_cols` from the by-query layout (``lo, hi, col``, keys tiles of
@@ -525,11 +536,11 @@ def scatter_cols(lo, hi, col, q, g, w_t, scale, n, m, tile_keys, gk, gv):  # pra
         p, t, c0, c1 = _unit(u, num_pairs, tile_keys, m)
         _zero_rows(gk, c0, c1)
         _zero_rows(gv, c0, c1)
-        base = p * m
+        base, stop = p * m, _prefetch_stop(hi, t, p, n)
         for r in range(p * n, (p + 1) * n):
             en = hi[t, r]
             for e in range(lo[t, r], en):
-                if e + _PREFETCH_DISTANCE < en:
+                if e < stop:
                     ahead = base + col[e + _PREFETCH_DISTANCE]
                     _prefetch_row(gk, ahead)  # type: ignore[call-arg]
                     _prefetch_row(gv, ahead)
@@ -552,11 +563,11 @@ def ste_scatter(lo, hi, col, w_t, g_pair, y, n, m, tile_keys, out):  # pragma: n
     for u in prange(num_pairs * num_tiles):
         p, t, c0, c1 = _unit(u, num_pairs, tile_keys, m)
         _zero_rows(out, c0, c1)
-        base, shift = p * m, g_pair[p]
+        base, shift, stop = p * m, g_pair[p], _prefetch_stop(hi, t, p, n)
         for r in range(p * n, (p + 1) * n):
             en = hi[t, r]
             for e in range(lo[t, r], en):
-                if e + _PREFETCH_DISTANCE < en:
+                if e < stop:
                     _prefetch_row(out, base + col[e + _PREFETCH_DISTANCE])  # type: ignore[call-arg]
                 c = base + col[e]
                 a = _clip(w_t[e, 0] + shift, g_lo, g_hi)
