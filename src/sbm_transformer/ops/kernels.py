@@ -275,9 +275,9 @@ class NumbaKernels:
         return Grads(gq, gk, gv, torch.from_numpy(gz), torch.from_numpy(gy))
 
 
-#: The by-query kernels gather from key tiles of at least this many keys (two of the sampler's
-#: 4096-key groups)...
-_QUERY_SIDE_TILE_KEYS = 2 << TILE_SHIFT
+#: The by-query kernels gather from key tiles of at least this many keys (four of the sampler's
+#: 4096-key groups: 2 MiB of keys or values per pass at D = 32)...
+_QUERY_SIDE_TILE_KEYS = 4 << TILE_SHIFT
 #: ...as many as leave each row at least this many edges per tile on average. Laid out
 #: tile-major (:func:`_layout`), against each row's edges grouped by 4 MiB (8 MiB for the
 #: membership product) tiles, kernel by kernel: at N = 64k, 128 edges per query (8 tiles)
@@ -285,8 +285,11 @@ _QUERY_SIDE_TILE_KEYS = 2 << TILE_SHIFT
 #: 1.01x, 0.93x, 0.81x; at 64k, 32 edges per query (2 tiles) 0.95x, 0.93x, 0.75x; at 16k (2
 #: tiles) 1.05x, 1.06x, 0.93x. Whole step, with the by-key products scattered from 4 tiles on:
 #: at N = 64k, 32 edges per query, 4 tiles of 16384 keys (8 edges per row and tile) took
-#: 0.961-0.965x the time of 2; at 128, 16 tiles of 4096 keys took 1.118x that of 8 of 8192,
-#: hence the 8192-key minimum. The threshold sits between 4 and 8: a sampled graph's mean
+#: 0.961-0.965x the time of 2; at 128, 16 tiles of 4096 keys took 1.118x that of 8 of 8192.
+#: Since the by-key scatter prefetches across rows, 4 tiles of 16384 keys beat 8 of 8192 at
+#: 128 edges per query (whole step 0.978x, 11 alternating rounds: forward 0.87x, by-query
+#: backward 0.91x, layout 0.78x, membership scatter 1.06x) and at 1 % density (0.974x), hence
+#: the 16384-key minimum. The threshold sits between 4 and 8: a sampled graph's mean
 #: edges per row is never exactly the target, and a threshold at the target's quotient (16,
 #: once) flipped the tile count from step to step (one count every step: 0.936-0.954x).
 _MIN_EDGES_PER_QUERY_TILE = 6
