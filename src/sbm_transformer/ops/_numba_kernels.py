@@ -488,10 +488,11 @@ def _axpy_rows(out, c, x, w_t, which, trow, rbase, st, en):  # pragma: no cover
 # The by-key products can also be computed from the by-query layout, without the transposed
 # graph: each (key tile, pair) of the layout is a unit of work that scatters into its own rows of
 # the result, reading the rows of the query side in order. Where the layout has several tiles
-# (N = 64k, 128 edges per query: 8 tiles of 8192 keys, 16 edges per row and tile), the results'
-# rows of one unit stay in cache and this measured 0.7x the time of the transpose and the by-key
-# passes it replaces (whole step 0.956x); with 2 tiles it lost (1.08x at N = 64k, 32 edges per
-# query: each unit's results are 8-16 MiB), with one (the whole table) 2x.
+# (N = 64k: 4 tiles of 16384 keys; measured first with 8 tiles of 8192 keys at 128 edges per
+# query), the results' rows of one unit stay in cache and this measured 0.7x the time of the
+# transpose and the by-key passes it replaces (whole step 0.956x); with 2 tiles it lost (1.08x
+# at N = 64k, 32 edges per query: each unit's results are 8-16 MiB; 1.05x again after the
+# cross-row prefetch below), with one (the whole table) 2x.
 
 
 @njit(inline="always")
