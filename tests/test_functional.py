@@ -363,7 +363,7 @@ def test_sampled_keys_are_grouped_by_tile() -> None:
 
 def test_tile_counts() -> None:
     """The by-key passes take query tiles of 4096 queries or more, as many as leave each key 6
-    edges per tile on average; the by-query ones key tiles of 8192 keys or more, 6 edges per
+    edges per tile on average; the by-query ones key tiles of 16384 keys or more, 6 edges per
     row (measured best at N = 16k and 64k, 32 and 128 edges per query). A sampled graph's mean
     degree is a hair off its target: the counts are the same just above and below it."""
     from sbm_transformer.ops import kernels
@@ -373,9 +373,10 @@ def test_tile_counts() -> None:
         assert kernels._key_side_tile_shift(65536, 32.0 + off) == 14  # 4 tiles
         assert kernels._key_side_tile_shift(16384, 128.0 + off) == 12  # 4 tiles
         min_keys, min_edges = kernels._QUERY_SIDE_TILE_KEYS, kernels._MIN_EDGES_PER_QUERY_TILE
-        assert kernels._tiles(65536, min_keys, 128.0 + off, min_edges) == 8  # 8192 keys each
+        assert kernels._tiles(65536, min_keys, 128.0 + off, min_edges) == 4  # 16384 keys each
         assert kernels._tiles(65536, min_keys, 32.0 + off, min_edges) == 4  # 8 edges per row
-        assert kernels._tiles(16384, min_keys, 128.0 + off, min_edges) == 2  # (2 MiB: untiled)
+        assert kernels._tiles(65536, min_keys, 16.0 + off, min_edges) == 2  # 8 edges per row
+        assert kernels._tiles(16384, min_keys, 128.0 + off, min_edges) == 1
         assert kernels._tiles(1024, min_keys, 128.0 + off, min_edges) == 1
     assert kernels._key_side_tile_shift(16384, 4.0) is None  # one tile
     assert kernels._key_side_tile_shift(4096, 1000.0) is None
