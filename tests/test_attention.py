@@ -16,7 +16,10 @@ def grads_of(module: nn.Module) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("backend", SPARSE_BACKENDS)
 @pytest.mark.parametrize("cross", [False, True])
-def test_module_backends_agree_on_every_parameter_gradient(backend: str, cross: bool) -> None:
+@pytest.mark.parametrize("distribution", ["poisson", "bernoulli"])
+def test_module_backends_agree_on_every_parameter_gradient(
+    backend: str, cross: bool, distribution: str
+) -> None:
     torch.manual_seed(0)
     attn = SBMAttention(
         24,
@@ -26,6 +29,7 @@ def test_module_backends_agree_on_every_parameter_gradient(backend: str, cross: 
         kdim=10 if cross else None,
         vdim=6 if cross else None,
         init_density=0.3,
+        distribution=distribution,
     ).double()
     x = torch.randn(2, 11, 24, dtype=torch.float64)
     kv = torch.randn(2, 7, 10, dtype=torch.float64) if cross else None
@@ -42,7 +46,8 @@ def test_module_backends_agree_on_every_parameter_gradient(backend: str, cross: 
     out_d, grads_d = results["dense"]
     out_s, grads_s = results[backend]
     assert torch.allclose(out_s, out_d, rtol=1e-9, atol=1e-12)
-    assert set(grads_s) == set(grads_d) and "clusters" in grads_s and "density_logit" in grads_s
+    assert set(grads_s) == set(grads_d) and "clusters" in grads_s and "log_rate_scale" in grads_s
+    assert grads_d["log_rate_scale"].abs().min() > 0  # the scale trains through the estimator
     for name, g in grads_d.items():
         assert torch.allclose(grads_s[name], g, rtol=1e-6, atol=1e-12), name
 
@@ -126,14 +131,32 @@ def test_generator_reproduces_output_and_eval_disables_dropout() -> None:
 def test_init_density_sets_the_starting_density() -> None:
     torch.manual_seed(0)
     x = torch.randn(2, 400, 64)
-    default = SBMAttention(64, 2, num_clusters=128)
-    _, st = default(x)
+    paper = SBMAttention(64, 2, num_clusters=128, rate_scale=None)
+    assert paper.log_rate_scale is None
+    _, st = paper(x)
     assert 0.15 < st.density.mean().item() < 0.35  # the original's ~25 % at initialisation
-    sparse_start = SBMAttention(64, 2, num_clusters=128, init_density=0.02)
-    _, st = sparse_start(x)
-    assert 0.014 < st.density.mean().item() < 0.028
-    with pytest.raises(ValueError, match="exploration floor"):
-        SBMAttention(64, 2, exploration=0.01, init_density=0.005)
+    _, st = SBMAttention(64, 2, num_clusters=128)(x)  # the default: a dense start
+    assert st.density.mean().item() > 0.9
+    for distribution in ("poisson", "bernoulli"):
+        sparse_start = SBMAttention(
+            64, 2, num_clusters=128, init_density=0.02, distribution=distribution
+        )
+        _, st = sparse_start(x)
+        assert 0.014 < st.density.mean().item() < 0.028, distribution
+        with pytest.raises(ValueError, match="exploration floor"):
+            SBMAttention(64, 2, exploration=0.01, init_density=0.005, distribution=distribution)
+
+
+def test_rate_scale_multiplies_the_rate() -> None:
+    """The scale enters as s_h * Y B Z^T: the block matrix the sampler sees is scaled per head."""
+    torch.manual_seed(0)
+    a = SBMAttention(16, 2, num_clusters=4, rate_scale=None)
+    b = SBMAttention(16, 2, num_clusters=4, rate_scale=3.0)
+    b.load_state_dict({**a.state_dict(), "log_rate_scale": torch.log(torch.tensor([3.0, 0.5]))})
+    ratio = b.block_matrix() / a.block_matrix()
+    assert torch.allclose(ratio[0], torch.tensor(3.0)) and torch.allclose(
+        ratio[1], torch.tensor(0.5)
+    )
 
 
 def test_state_dict_round_trip_and_repr() -> None:
@@ -155,6 +178,12 @@ def test_state_dict_round_trip_and_repr() -> None:
         (dict(embed_dim=32, num_heads=4, dropout=1.5), r"dropout must be in \[0, 1\)"),
         (dict(embed_dim=32, num_heads=4, exploration=float("inf")), "exploration must be finite"),
         (dict(embed_dim=32, num_heads=4, init_density=2.0), r"init_density must be in \(0, 1\)"),
+        (dict(embed_dim=32, num_heads=4, rate_scale=0.0), "rate_scale must be a finite number > 0"),
+        (
+            dict(embed_dim=32, num_heads=4, rate_scale=float("nan")),
+            "rate_scale must be a finite number > 0",
+        ),
+        (dict(embed_dim=32, num_heads=4, distribution="binomial"), "unknown distribution"),
     ],
 )
 def test_bad_configuration(kwargs: dict, match: str) -> None:

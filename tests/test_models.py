@@ -134,3 +134,28 @@ def test_build_attention_errors() -> None:
         build_attention("flash", 16, 2)
     with pytest.raises(ValueError, match="unknown option"):
         build_attention("softmax", 16, 2, num_clusters=3)
+
+
+def test_sbm_forms_set_distribution_and_scale() -> None:
+    from sbm_transformer.attention import DEFAULT_RATE_SCALE, SBMAttention
+    from sbm_transformer.models import attention_options
+
+    def first_sbm(cfg: ModelConfig) -> SBMAttention:
+        model = build_model(TaskInfo("t", "classify", 10, 3, 16), cfg)
+        return next(m for m in model.modules() if isinstance(m, SBMAttention))
+
+    default = first_sbm(ModelConfig(num_clusters=4))
+    assert default.distribution == "poisson" and default.log_rate_scale is not None
+    assert torch.allclose(default.log_rate_scale.exp(), torch.tensor(DEFAULT_RATE_SCALE))
+    original = first_sbm(ModelConfig(num_clusters=4, sbm="original"))
+    assert original.distribution == "bernoulli" and original.log_rate_scale is None
+    paper = first_sbm(ModelConfig(num_clusters=4, sbm="paper"))
+    assert paper.distribution == "poisson" and paper.log_rate_scale is None
+    own = attention_options(ModelConfig(distribution="bernoulli", rate_scale=4.0))
+    assert own["distribution"] == "bernoulli" and own["rate_scale"] == 4.0
+    same = attention_options(ModelConfig(sbm="original", distribution="bernoulli"))
+    assert same["distribution"] == "bernoulli" and same["rate_scale"] is None
+    with pytest.raises(ValueError, match=r"model\.sbm=paper sets distribution itself"):
+        attention_options(ModelConfig(sbm="paper", distribution="bernoulli"))
+    with pytest.raises(ValueError, match=r"unknown model\.sbm 'released'"):
+        attention_options(ModelConfig(sbm="released"))

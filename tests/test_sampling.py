@@ -297,3 +297,64 @@ def test_causal_rows_depend_only_on_the_past(sampler_impl: str) -> None:
     b = sample_graph(Y2, Z2, B, generator=torch.Generator().manual_seed(3), **kw).to_dense()
     assert torch.equal(a[:, :, :25], b[:, :, :25])
     assert not torch.equal(a[:, :, 25:], b[:, :, 25:])
+
+
+# ------------------------------------------------------------------- the Bernoulli distribution
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("scale", [0.5, 2.5])  # thinned rows only; rows drawn pair by pair too
+def test_bernoulli_frequencies_match_edge_probability(
+    sampler_impl: str, causal: bool, scale: float
+) -> None:
+    n, m = (6, 6) if causal else (5, 7)
+    Y, Z, B = sbm_inputs(1, 2, n, m, 3, seed=1, scale=scale)
+    mask = torch.zeros(1, m, dtype=torch.bool)
+    mask[0, 2] = True
+    kw = dict(exploration=0.05, key_padding_mask=mask, causal=causal, distribution="bernoulli")
+    prob = edge_probability(Y, Z, B, **kw)[0]
+    lam = expected_adjacency(Y, Z, B)[0]
+    visible = prob > 0
+    assert torch.allclose(prob[visible], (lam + 0.05).clamp(max=1.0)[visible])
+    if scale > 1:
+        assert (prob == 1).any()  # some pairs are sure edges: those rows are drawn pair by pair
+    freq = empirical_frequency(Y, Z, B, copies=2000, rounds=10, seed=7, **kw)
+    assert torch.all(freq[prob == 1] == 1)
+    assert_matches_probability(freq, prob, 20000)
+
+
+def test_bernoulli_causal_rows_depend_only_on_the_past(sampler_impl: str) -> None:
+    Y, Z, B = sbm_inputs(2, 2, 40, 40, 4, seed=11, scale=3.0)
+    mask = padding_mask(2, 40)
+    kw = dict(exploration=0.05, key_padding_mask=mask, causal=True, distribution="bernoulli")
+    a = sample_graph(Y, Z, B, generator=torch.Generator().manual_seed(3), **kw)
+    Y2, Z2 = Y.clone(), Z.clone()
+    Y2[:, :, 25:] = torch.rand_like(Y2[:, :, 25:])
+    Z2[:, :, 25:] = torch.rand_like(Z2[:, :, 25:])
+    b = sample_graph(Y2, Z2, B, generator=torch.Generator().manual_seed(3), **kw)
+    again = sample_graph(Y, Z, B, generator=torch.Generator().manual_seed(3), **kw)
+    a, b = a.validate().to_dense(), b.validate().to_dense()
+    assert torch.equal(a, again.to_dense())  # reproducible from the seed
+    assert torch.equal(a[:, :, :25], b[:, :, :25])
+    assert not torch.equal(a[:, :, 25:], b[:, :, 25:])
+
+
+def test_bernoulli_on_small_rates_stays_sparse(sampler_impl: str, monkeypatch) -> None:
+    """Where lambda is small no row is drawn pair by pair: the cost follows the edges."""
+    from sbm_transformer import sampling
+
+    def no_dense_rows(*args, **kwargs):
+        raise AssertionError("a row was drawn pair by pair")
+
+    monkeypatch.setattr(sampling, "_dense_rows_bernoulli", no_dense_rows)
+    Y, Z, B = sbm_inputs(1, 2, 400, 400, 8, seed=2, scale=0.05)
+    kw = dict(exploration=0.001, distribution="bernoulli")
+    graph = sample_graph(Y, Z, B, generator=torch.Generator().manual_seed(0), **kw).validate()
+    expected = float(edge_probability(Y, Z, B, **kw).sum())
+    assert abs(graph.num_edges - expected) < 5 * expected**0.5
+
+
+def test_unknown_distribution_is_named() -> None:
+    Y, Z, B = sbm_inputs(1, 1, 4, 4, 2)
+    with pytest.raises(ValueError, match="unknown distribution 'binomial'"):
+        sample_graph(Y, Z, B, distribution="binomial")
+    with pytest.raises(ValueError, match="unknown distribution"):
+        edge_probability(Y, Z, B, distribution="uniform")

@@ -274,3 +274,14 @@ def test_compare_stops_when_a_run_fails(tmp_path, capsys) -> None:
     assert "the softmax run" in capsys.readouterr().err
     assert (existing / "config.yaml").read_text() == "a run the user keeps\n"
     assert not (tmp_path / "c" / "none").exists()
+
+
+def test_sparsity_weight_schedule() -> None:
+    from sbm_transformer.config import TrainConfig
+    from sbm_transformer.training import sparsity_weight_at
+
+    constant = TrainConfig(sparsity_weight=0.1)
+    assert [sparsity_weight_at(constant, s) for s in (0, 5)] == [0.1, 0.1]
+    delayed = TrainConfig(sparsity_weight=0.1, sparsity_start=10, sparsity_ramp=4)
+    weights = [sparsity_weight_at(delayed, s) for s in (0, 9, 10, 11, 13, 100)]
+    assert weights == pytest.approx([0.0, 0.0, 0.025, 0.05, 0.1, 0.1])

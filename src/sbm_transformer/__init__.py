@@ -20,6 +20,7 @@ from sbm_transformer.attention import SBMAttention
 from sbm_transformer.functional import BACKENDS, SBMStats, sbm_attention
 from sbm_transformer.graph import Graph
 from sbm_transformer.sampling import (
+    DISTRIBUTIONS,
     block_matrix,
     edge_probability,
     expected_adjacency,
@@ -31,6 +32,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BACKENDS",
+    "DISTRIBUTIONS",
     "Graph",
     "SBMAttention",
     "SBMStats",

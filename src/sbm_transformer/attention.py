@@ -19,9 +19,28 @@ from sbm_transformer._numba import recycled_empty
 from sbm_transformer.functional import BACKENDS, SBMStats, attend
 from sbm_transformer.graph import Graph
 from sbm_transformer.ops.memberships import MembershipInputs
-from sbm_transformer.sampling import block_matrix, check_exploration
+from sbm_transformer.sampling import (
+    block_matrix,
+    check_distribution,
+    check_exploration,
+    edge_probability_of_rate,
+    rate_for_probability,
+)
 
-__all__ = ["SBMAttention"]
+__all__ = ["DEFAULT_RATE_SCALE", "SBM_FORMS", "SBMAttention"]
+
+#: Initial rate scale of :class:`SBMAttention`: a dense start (see its ``rate_scale``).
+DEFAULT_RATE_SCALE = 16.0
+
+#: Named forms of the SBM head (``model.sbm`` in a run configuration): the settings of
+#: :class:`SBMAttention` each implies. ``"default"``: this package's (a learned rate scale from a
+#: dense start, Poisson edges); ``"paper"``: the paper's model (fastRG Poisson edges, no scale);
+#: ``"original"``: the released code's (Bernoulli(min(1, lambda + eps)) edges, no scale).
+SBM_FORMS: dict[str, dict[str, object]] = {
+    "default": {"distribution": "poisson", "rate_scale": DEFAULT_RATE_SCALE},
+    "paper": {"distribution": "poisson", "rate_scale": None},
+    "original": {"distribution": "bernoulli", "rate_scale": None},
+}
 
 
 class SBMAttention(nn.Module):
@@ -46,11 +65,20 @@ class SBMAttention(nn.Module):
             (see :data:`~sbm_transformer.functional.BACKENDS`).
         bias: add biases to the input and output projections.
         kdim, vdim: feature sizes of key and value inputs (default ``embed_dim``).
-        init_density: start near this expected edge density instead of the original ~25 %:
-            a learnable per-head factor ``rho = sigmoid(gamma)`` scales the block matrix and is
-            initialised so that ``1 - exp(-(rho / 4 + eps))`` (memberships sit near 1/2 at
-            initialisation) equals ``init_density``. For ``e`` edges per query on sequences of
-            length ``L``, pass ``e / L``. Must exceed the exploration floor.
+        distribution: ``"poisson"`` (the paper's fastRG graph: P = 1 - exp(-(rate + eps))) or
+            ``"bernoulli"`` (the released code's: P = min(1, rate + eps)); see
+            :func:`~sbm_transformer.sampling.sample_graph`.
+        rate_scale: initial value of a learnable per-head factor ``s_h > 0`` on the SBM rate,
+            ``rate_ij = s_h * Y_i B_h Z_j^T`` (log-parameterised: ``s_h = exp(log_rate_scale_h)``).
+            With B summing to 1 and memberships in (0, 1), ``Y_i B Z_j^T < 1``: without a scale
+            no edge is ever sure. ``None``: no scale (the paper's and released code's model).
+            The default starts dense (about 1 - exp(-4) ~ 98 % at initialisation, memberships
+            sitting near 1/2) so that a head can find the edges that matter and then prune; on
+            long sequences use ``init_density`` instead (a dense start is quadratic work).
+        init_density: start near this expected edge density instead: the initial scale is set
+            so that the rate ``s_h / 4`` (memberships near 1/2 at initialisation) gives this
+            density. For ``e`` edges per query on sequences of length ``L``, pass ``e / L``.
+            Must exceed the exploration floor.
         max_edges: raise before sampling when the expected edge count of a call exceeds this.
         device, dtype: factory arguments for the parameters.
 
@@ -80,6 +108,8 @@ class SBMAttention(nn.Module):
         bias: bool = True,
         kdim: int | None = None,
         vdim: int | None = None,
+        distribution: str = "poisson",
+        rate_scale: float | None = DEFAULT_RATE_SCALE,
         init_density: float | None = None,
         max_edges: int | None = None,
         device: torch.device | str | None = None,
@@ -100,6 +130,9 @@ class SBMAttention(nn.Module):
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         check_exploration(exploration)
+        check_distribution(distribution)
+        if rate_scale is not None and not (math.isfinite(rate_scale) and rate_scale > 0):
+            raise ValueError(f"rate_scale must be a finite number > 0 or None, got {rate_scale}")
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
         factory: dict = {"device": device, "dtype": dtype}
@@ -123,10 +156,14 @@ class SBMAttention(nn.Module):
         self.node_mlp = nn.Sequential(
             nn.Linear(d, d, **factory), nn.ReLU(), nn.Linear(d, d, **factory)
         )
-        self.density_logit: nn.Parameter | None = None
+        self.distribution = distribution
+        self.rate_scale = rate_scale
         self.init_density = init_density
         if init_density is not None:
-            self.density_logit = nn.Parameter(torch.empty(num_heads, **factory))
+            self._initial_scale(init_density)  # fail early on a bad value
+        self.log_rate_scale: nn.Parameter | None = None
+        if rate_scale is not None or init_density is not None:
+            self.log_rate_scale = nn.Parameter(torch.empty(num_heads, **factory))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -137,24 +174,31 @@ class SBMAttention(nn.Module):
         for module in self.node_mlp:
             if isinstance(module, nn.Linear):
                 module.reset_parameters()
-        if self.density_logit is not None:
-            assert self.init_density is not None
+        if self.log_rate_scale is not None:
+            scale = (
+                self._initial_scale(self.init_density)
+                if self.init_density is not None
+                else self.rate_scale
+            )
+            assert scale is not None
             with torch.no_grad():
-                self.density_logit.fill_(self._density_logit_for(self.init_density))
+                self.log_rate_scale.fill_(math.log(scale))
 
-    def _density_logit_for(self, density: float) -> float:
+    def _initial_scale(self, density: float) -> float:
+        """The scale whose initial expected density is ``density`` (memberships near 1/2)."""
+        if isinstance(density, bool) or not isinstance(density, (int, float)):
+            raise TypeError(f"init_density must be a float, got {type(density).__name__}")
         if not 0.0 < density < 1.0:
             raise ValueError(f"init_density must be in (0, 1), got {density}")
-        rate = -math.log1p(-density) - self.exploration  # lambda that gives this density
+        rate = rate_for_probability(density, self.distribution) - self.exploration
         if rate <= 0:
+            floor = float(edge_probability_of_rate(self.exploration, self.distribution))
             raise ValueError(
                 f"init_density={density} is at or below the exploration floor "
-                f"(exploration={self.exploration} gives density "
-                f"{-math.expm1(-self.exploration):.4g}); "
+                f"(exploration={self.exploration} gives density {floor:.4g}); "
                 "lower exploration or raise init_density"
             )
-        rho = min(4.0 * rate, 1.0 - 1e-6)  # memberships ~1/2 at init, so lambda ~ rho / 4
-        return math.log(rho / (1.0 - rho))
+        return 4.0 * rate  # memberships ~1/2 at init and B sums to 1, so lambda ~ scale / 4
 
     def extra_repr(self) -> str:
         parts = [
@@ -166,15 +210,20 @@ class SBMAttention(nn.Module):
             f"causal={self.causal}",
             f"backend={self.backend!r}",
         ]
+        if self.distribution != "poisson":
+            parts.append(f"distribution={self.distribution!r}")
         if self.init_density is not None:
             parts.append(f"init_density={self.init_density}")
+        elif self.rate_scale != DEFAULT_RATE_SCALE:
+            parts.append(f"rate_scale={self.rate_scale}")
         return ", ".join(parts)
 
     def block_matrix(self) -> Tensor:
-        """Block matrices ``(H, K, K)``, times the density factor when ``init_density`` is set."""
+        """Block matrices ``(H, K, K)`` times the rate scale ``s_h`` of each head (when it has one):
+        the kernels see the scaled matrix, so sampling and the estimator need nothing more."""
         blocks = block_matrix(self.clusters)
-        if self.density_logit is not None:
-            blocks = blocks * torch.sigmoid(self.density_logit)[:, None, None]
+        if self.log_rate_scale is not None:
+            blocks = blocks * self.log_rate_scale.exp()[:, None, None]
         return blocks
 
     def memberships(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
@@ -217,7 +266,7 @@ class SBMAttention(nn.Module):
             graph=graph, key_padding_mask=key_padding_mask, exploration=self.exploration,
             causal=self.causal, dropout_p=self.dropout if self.training else 0.0,
             backend=self.backend, generator=generator, max_edges=self.max_edges,
-            inputs=MembershipInputs(fq, fk, self.clusters),
+            distribution=self.distribution, inputs=MembershipInputs(fq, fk, self.clusters),
         )  # fmt: skip
 
     def _split_heads(self, x: Tensor) -> Tensor:

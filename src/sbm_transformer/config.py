@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from sbm_transformer.attention import DEFAULT_RATE_SCALE
 from sbm_transformer.data.base import DataConfig
 
 
@@ -35,6 +36,13 @@ class ModelConfig:
     # SBM attention
     num_clusters: int = 128
     exploration: float = 0.01
+    # "default", "paper" or "original" (attention.SBM_FORMS); the last two fix distribution
+    # and rate_scale, which then must be left at their defaults
+    sbm: str = "default"
+    distribution: str = "poisson"  # "poisson" (the paper's) or "bernoulli" (the released code's)
+    rate_scale: float | None = (
+        DEFAULT_RATE_SCALE  # initial learned scale on the SBM rate; null = no scale
+    )
     init_density: float | None = None
     backend: str = "auto"
     # baselines
@@ -57,6 +65,8 @@ class TrainConfig:
     weight_decay: float = 0.0
     clip: float = 1.0  # gradient-norm clipping; 0 disables
     sparsity_weight: float = 1e-4  # loss += w * mean density of sampled-graph attentions
+    sparsity_start: int = 0  # steps with no sparsity term (a head first finds the edges it needs)
+    sparsity_ramp: int = 0  # then the weight grows linearly to sparsity_weight over these steps
     eval_every: int = 100
     eval_batches: int = 0  # 0 = the whole split
     eval_samples: int = 1  # graphs averaged per prediction (stochastic attentions)

@@ -17,7 +17,7 @@ from sbm_transformer.ops.kernels import get_kernels
 from sbm_transformer.ops.memberships import MembershipInputs
 from sbm_transformer.ops.reference import dense_edge_attention, dense_indicator
 from sbm_transformer.ops.sparse import sbm_edge_attention
-from sbm_transformer.sampling import _check_sbm_inputs, sample_graph
+from sbm_transformer.sampling import _check_sbm_inputs, check_distribution, sample_graph
 
 __all__ = ["BACKENDS", "MembershipInputs", "SBMStats", "attend", "sbm_attention"]
 
@@ -132,12 +132,15 @@ def sbm_attention(
     generator: torch.Generator | None = None,
     scale: float | None = None,
     max_edges: int | None = None,
+    distribution: str = "poisson",
 ) -> tuple[Tensor, SBMStats]:
     """SBM attention: sample a sparse query-key graph per head, softmax-attend along its edges.
 
     ``out_i = sum_j p_ij v_j`` with ``p_ij = A_ij exp(s_ij) / sum_l A_il exp(s_il)``,
     ``s = scale * q k^T``, ``A`` sampled from the SBM with edge probability
-    ``1 - exp(-(Y_i B Z_j^T + exploration))`` (:func:`~sbm_transformer.sampling.edge_probability`).
+    ``1 - exp(-(Y_i B Z_j^T + exploration))`` (``distribution="poisson"``, the paper's) or
+    ``min(1, Y_i B Z_j^T + exploration)`` (``"bernoulli"``, the released code's)
+    (:func:`~sbm_transformer.sampling.edge_probability`).
     A query without edges outputs zeros. Gradients reach q, k, v directly and Y, Z, B through the
     straight-through estimator (hardtanh of the gradient at each sampled edge).
 
@@ -157,6 +160,7 @@ def sbm_attention(
         generator: torch.Generator for the graph and the dropout mask.
         scale: score scale, default ``1 / sqrt(D)``.
         max_edges: raise before sampling if the expected edge count exceeds this.
+        distribution: ``"poisson"`` or ``"bernoulli"``, the law of the sampled edges.
 
     Returns:
         ``(out, stats)``: ``out`` ``(B, H, N, Dv)`` in the dtype of q and :class:`SBMStats`.
@@ -165,7 +169,7 @@ def sbm_attention(
     return attend(
         q, k, v, Y, Z, B, graph=graph, key_padding_mask=key_padding_mask,
         exploration=exploration, causal=causal, dropout_p=dropout_p, backend=backend,
-        generator=generator, scale=scale, max_edges=max_edges,
+        generator=generator, scale=scale, max_edges=max_edges, distribution=distribution,
     )  # fmt: skip
 
 
@@ -187,6 +191,7 @@ def attend(
     scale: float | None = None,
     max_edges: int | None = None,
     inputs: MembershipInputs | None = None,
+    distribution: str = "poisson",
 ) -> tuple[Tensor, SBMStats]:
     """:func:`sbm_attention`, optionally told what the memberships are made of.
 
@@ -204,6 +209,7 @@ def attend(
         raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    check_distribution(distribution)
     bsz, heads, n, d = q.shape
     m = k.shape[2]
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
@@ -212,7 +218,7 @@ def attend(
         graph = sample_graph(
             Y.detach(), Z.detach(), Bx.detach(), exploration=exploration,
             key_padding_mask=key_padding_mask, causal=causal, generator=generator,
-            max_edges=max_edges,
+            max_edges=max_edges, distribution=distribution,
         )  # fmt: skip
     else:
         if not isinstance(graph, Graph):

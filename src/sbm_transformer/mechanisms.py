@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from sbm_transformer.attention import SBMAttention
+from sbm_transformer.attention import DEFAULT_RATE_SCALE, SBMAttention
 from sbm_transformer.graph import Graph
 
 
@@ -63,11 +63,14 @@ class SBMSelfAttention(nn.Module):
         exploration: float = 0.01,
         backend: str = "auto",
         init_density: float | None = None,
+        distribution: str = "poisson",
+        rate_scale: float | None = DEFAULT_RATE_SCALE,
     ) -> None:
         super().__init__()
         self.attn = SBMAttention(
             dim, heads, num_clusters, dropout=dropout, exploration=exploration, causal=causal,
-            backend=backend, init_density=init_density,
+            backend=backend, init_density=init_density, distribution=distribution,
+            rate_scale=rate_scale,
         )  # fmt: skip
         self.generator: torch.Generator | None = None  # set by evaluation for fixed graphs
 

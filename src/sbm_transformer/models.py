@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from sbm_transformer.attention import SBM_FORMS
 from sbm_transformer.config import ModelConfig
 from sbm_transformer.data.base import PAD_ID, TaskInfo
 from sbm_transformer.graph import Graph
@@ -57,6 +58,7 @@ def attention_options(cfg: ModelConfig) -> dict[str, object]:
             "exploration": cfg.exploration,
             "init_density": cfg.init_density,
             "backend": cfg.backend,
+            **sbm_form(cfg),
         },
         "performer": {"num_features": cfg.performer_features, "kernel": cfg.performer_kernel},
         "linformer": {"proj_len": cfg.linformer_k},
@@ -66,6 +68,23 @@ def attention_options(cfg: ModelConfig) -> dict[str, object]:
         },
     }
     return options.get(cfg.attention, {})
+
+
+def sbm_form(cfg: ModelConfig) -> dict[str, object]:
+    """``distribution`` and ``rate_scale`` of the SBM form ``cfg.sbm`` (see ``SBM_FORMS``)."""
+    if cfg.sbm not in SBM_FORMS:
+        raise ValueError(f"unknown model.sbm {cfg.sbm!r}; valid: {', '.join(SBM_FORMS)}")
+    own: dict[str, object] = {"distribution": cfg.distribution, "rate_scale": cfg.rate_scale}
+    if cfg.sbm == "default":
+        return own
+    form, defaults = SBM_FORMS[cfg.sbm], SBM_FORMS["default"]
+    changed = sorted(k for k, v in own.items() if v != defaults[k] and v != form[k])
+    if changed:
+        raise ValueError(
+            f"model.sbm={cfg.sbm} sets {', '.join(changed)} itself; leave "
+            f"{' and '.join('model.' + k for k in changed)} at the default or use model.sbm=default"
+        )
+    return dict(form)
 
 
 class Block(nn.Module):

@@ -29,6 +29,7 @@ from sbm_transformer._numba import sync_threads, use_numba
 from sbm_transformer.graph import TILE_SHIFT, Graph, index_dtype
 
 __all__ = [
+    "DISTRIBUTIONS",
     "block_matrix",
     "edge_probability",
     "expected_adjacency",
@@ -49,6 +50,30 @@ def block_matrix(clusters: Tensor) -> Tensor:
     h, k, _ = clusters.shape
     logits = clusters @ clusters.transpose(-1, -2)  # (H, K, K)
     return torch.softmax(logits.reshape(h, k * k), dim=-1).reshape(h, k, k)
+
+
+#: Edge distributions of :func:`sample_graph`: ``"poisson"``, the paper's fastRG graph
+#: (P = 1 - exp(-(rate + eps))), and ``"bernoulli"``, the released code's (P = min(1, rate + eps)).
+DISTRIBUTIONS = ("poisson", "bernoulli")
+
+
+def check_distribution(distribution: str) -> None:
+    """Raise unless ``distribution`` is one of :data:`DISTRIBUTIONS`."""
+    if distribution not in DISTRIBUTIONS:
+        raise ValueError(f"unknown distribution {distribution!r}; expected one of {DISTRIBUTIONS}")
+
+
+def edge_probability_of_rate(rate: Tensor | float, distribution: str = "poisson") -> Tensor:
+    """The edge probability of a pair whose total rate (``lambda + eps``) is ``rate``."""
+    check_distribution(distribution)
+    r = torch.as_tensor(rate)
+    return -torch.expm1(-r) if distribution == "poisson" else r.clamp(max=1.0)
+
+
+def rate_for_probability(probability: float, distribution: str = "poisson") -> float:
+    """The total rate (``lambda + eps``) that gives an edge this probability (in [0, 1))."""
+    check_distribution(distribution)
+    return -math.log1p(-probability) if distribution == "poisson" else float(probability)
 
 
 # ----------------------------------------------------------------------------- input checks
@@ -155,15 +180,18 @@ def edge_probability(
     exploration: float = 0.0,
     key_padding_mask: Tensor | None = None,
     causal: bool = False,
+    distribution: str = "poisson",
 ) -> Tensor:
     """The exact probability that :func:`sample_graph` makes each edge, ``(B, H, N, M)`` (dense).
 
-    ``1 - exp(-(lambda_ij + exploration))`` for visible pairs and 0 for padded keys or, with
-    ``causal``, future keys. Arguments as in :func:`sample_graph`.
+    ``1 - exp(-(lambda_ij + exploration))`` (``"poisson"``) or ``min(1, lambda_ij + exploration)``
+    (``"bernoulli"``) for visible pairs, and 0 for padded keys or, with ``causal``, future keys.
+    Arguments as in :func:`sample_graph`.
     """
     _check_sbm_inputs(Y, Z, B, exploration, key_padding_mask, causal)
+    check_distribution(distribution)
     lam = expected_adjacency(Y, Z, B)
-    prob = -torch.expm1(-(lam + exploration))
+    prob = edge_probability_of_rate(lam + exploration, distribution)
     vis = _visible(key_padding_mask, causal, Y.shape[2], Z.shape[2], Y.device)
     return prob * vis
 
@@ -238,8 +266,13 @@ def sample_graph(
     causal: bool = False,
     generator: torch.Generator | None = None,
     max_edges: int | None = None,
+    distribution: str = "poisson",
 ) -> Graph:
     """Sample one bipartite query-key graph per (batch, head) from a mixed-membership SBM.
+
+    With ``distribution="bernoulli"`` each visible pair is an edge with probability exactly
+    ``min(1, lambda_ij + eps)`` (the released code's distribution), sampled by thinning Poisson
+    proposals; see :func:`_sample_bernoulli` for how and what it costs.
 
     Args:
         Y: ``(B, H, N, K)`` query memberships, values >= 0 (sigmoid outputs in the model).
@@ -252,11 +285,13 @@ def sample_graph(
         generator: torch.Generator for reproducible graphs (same seed, same graph on the same
             device and sampler implementation).
         max_edges: raise before allocating if the expected number of edges exceeds this.
+        distribution: ``"poisson"`` or ``"bernoulli"`` (:data:`DISTRIBUTIONS`).
 
     Returns:
         A :class:`Graph`; each edge is present independently with :func:`edge_probability`.
     """
     Bx = _check_sbm_inputs(Y, Z, B, exploration, key_padding_mask, causal)
+    check_distribution(distribution)
     bsz, heads, n, _ = Y.shape
     m = Z.shape[2]
     if max_edges is not None:
@@ -272,11 +307,29 @@ def sample_graph(
             )
     work = torch.promote_types(Y.dtype, torch.float32)  # bf16/fp16 -> fp32
     Yw, Zw, Bw = Y.to(work), _masked_keys(Z, key_padding_mask).to(work), Bx.to(work)
-    visible = _visible_counts(key_padding_mask, causal, bsz, n, m, Y.device)
-    valid = _valid_keys(key_padding_mask, bsz, m, Y.device)
     if bsz * heads * n * m == 0:
         crow = torch.zeros(bsz * heads * n + 1, dtype=torch.int32, device=Y.device)
         return Graph(crow, crow.new_zeros(0), (bsz, heads, n, m))
+    if distribution == "bernoulli":
+        return _sample_bernoulli(Yw, Zw, Bw, exploration, key_padding_mask, causal, generator)
+    return _sample_poisson(Yw, Zw, Bw, exploration, key_padding_mask, causal, generator)
+
+
+def _sample_poisson(
+    Yw: Tensor,
+    Zw: Tensor,
+    Bw: Tensor,
+    exploration: float,
+    key_padding_mask: Tensor | None,
+    causal: bool,
+    generator: torch.Generator | None,
+) -> Graph:
+    """The fastRG graph of checked inputs (Z already zero on padded keys, B expanded)."""
+    bsz, heads, n, _ = Yw.shape
+    m = Zw.shape[2]
+    Y = Yw
+    visible = _visible_counts(key_padding_mask, causal, bsz, n, m, Y.device)
+    valid = _valid_keys(key_padding_mask, bsz, m, Y.device)
     if use_numba(Y):
         crow, col, ptr = _sample_numba(Yw, Zw, Bw, exploration, causal, visible, valid, generator)
         return Graph(crow, col, (bsz, heads, n, m), tile_shift=TILE_SHIFT, tile_pointers=ptr)
@@ -528,3 +581,122 @@ def _sample_torch_causal(
     crow = torch.zeros(p * n + 1, dtype=idt, device=dev)
     crow[1:] = torch.bincount(rows, minlength=p * n).cumsum(0)
     return crow, (flat_key % n).to(idt)
+
+
+# --------------------------------------------------------------------- Bernoulli by thinning
+#: Rows whose bound on ``lambda_ij + eps`` reaches this are drawn pair by pair (O(M K) each);
+#: the others are thinned from Poisson proposals at most ``-log(1 - T) / T`` = 2.56 times
+#: denser than the result.
+BERNOULLI_DENSE_ROW = 0.9
+
+#: Edges (or dense-row entries) handled per chunk when computing ``lambda`` on them.
+_CHUNK_ELEMENTS = 1 << 16
+
+
+def _edge_rates(u: Tensor, Z: Tensor, pair: Tensor, row: Tensor, key: Tensor) -> Tensor:
+    """``lambda_e = u[pair, row] . Z[pair, key]`` for each edge, float64, in O(E K) by chunks."""
+    out = torch.empty(row.numel(), dtype=torch.float64, device=u.device)
+    k = u.shape[-1]
+    step = max(1, (_CHUNK_ELEMENTS * 16) // max(k, 1))
+    for first in range(0, row.numel(), step):
+        s = slice(first, first + step)
+        out[s] = (u[pair[s], row[s]].double() * Z[pair[s], key[s]].double()).sum(-1)
+    return out
+
+
+def _sample_bernoulli(
+    Y: Tensor,
+    Z: Tensor,
+    Bx: Tensor,
+    eps: float,
+    key_padding_mask: Tensor | None,
+    causal: bool,
+    generator: torch.Generator | None,
+) -> Graph:
+    """Each visible pair an edge with probability ``min(1, lambda_ij + eps)``, independently.
+
+    Per row, ``x_i = max_j lambda_ij + eps`` is bounded from above by ``u_i . max_j Z_j``
+    (``u = Y B``, the maximum per cluster over visible keys, a prefix maximum when causal).
+    Rows with ``x_i < T`` (:data:`BERNOULLI_DENSE_ROW`) take Poisson proposals at rate
+    ``c_i lambda_ij + c_T eps`` with ``c_i = -log(1 - x_i) / x_i``: since ``(1 - e^{-cx}) / x``
+    falls with ``x``, every such pair is proposed with probability ``q_ij >= lambda_ij + eps``,
+    and a proposal is kept with probability ``(lambda_ij + eps) / q_ij``. Rows at or above
+    ``T`` are drawn pair by pair. Cost: the Poisson sampler's at most ``c_T`` = 2.56 times the
+    result's edges, ``O(E K)`` for the rates of proposed edges, and ``O(M K)`` per dense row.
+    All uniforms of the thinning and the dense rows are keyed by (pair, query, key), so a causal
+    row depends on earlier tokens only, as in the Poisson sampler.
+    """
+    bsz, heads, n, k = Y.shape
+    m = Z.shape[2]
+    p = bsz * heads
+    dev = Y.device
+    # float64: the bound must not round below the largest rate of its row
+    u = (Y.reshape(p, n, k).double() @ Bx.reshape(p, k, k).double()).reshape(bsz, heads, n, k)
+    zmax = Z.double().cummax(2).values if causal else Z.double().amax(2, keepdim=True)
+    bound = (u * zmax).sum(-1) + eps  # (B, H, N) >= max_j lambda_ij + eps
+    dense = bound >= BERNOULLI_DENSE_ROW
+    x = bound.clamp(min=1e-12, max=BERNOULLI_DENSE_ROW)
+    c = torch.where(dense, 0.0, (-torch.log1p(-x) / x).clamp(min=1.0))  # (B, H, N)
+    c_top = -math.log1p(-BERNOULLI_DENSE_ROW) / BERNOULLI_DENSE_ROW
+    proposal = _sample_poisson(
+        Y * c.unsqueeze(-1).to(Y.dtype), Z, Bx, c_top * eps if eps > 0 else 0.0,
+        key_padding_mask, causal, generator,
+    )  # fmt: skip
+    seed = _seed_from(generator, dev)
+    crow, col = proposal.crow_indices, proposal.col_indices.long()
+    rows = torch.repeat_interleave(torch.arange(p * n, device=dev), crow[1:] - crow[:-1])
+    pair, qi = rows // n, rows % n
+    up, zp, cp = u.reshape(p, n, k), Z.reshape(p, m, k), c.reshape(p * n)
+    lam = _edge_rates(up, zp, pair, qi, col)
+    target = lam + eps
+    q = -torch.expm1(-(cp[rows] * lam + c_top * eps))
+    keep = (_counter_uniform(seed, 3, pair, qi, col) * q < target) & ~dense.reshape(-1)[rows]
+    rows, col = rows[keep], col[keep]
+    dense_rows = dense.reshape(-1).nonzero().squeeze(1)
+    if dense_rows.numel():
+        d_rows, d_col = _dense_rows_bernoulli(
+            up, zp, dense_rows, n, m, eps, key_padding_mask, causal, heads, seed
+        )
+        rows = torch.cat([rows, d_rows])
+        col = torch.cat([col, d_col])
+        order = torch.argsort(rows, stable=True)  # keeps each row's keys in their order
+        rows, col = rows[order], col[order]
+    idt = proposal.col_indices.dtype
+    new_crow = torch.zeros(p * n + 1, dtype=crow.dtype, device=dev)
+    new_crow[1:] = torch.bincount(rows, minlength=p * n).cumsum(0)
+    return Graph(new_crow, col.to(idt), (bsz, heads, n, m), tile_shift=proposal.tile_shift)
+
+
+def _dense_rows_bernoulli(
+    u: Tensor,
+    Z: Tensor,
+    rows: Tensor,
+    n: int,
+    m: int,
+    eps: float,
+    key_padding_mask: Tensor | None,
+    causal: bool,
+    heads: int,
+    seed: int,
+) -> tuple[Tensor, Tensor]:
+    """Global rows and keys of the edges of ``rows`` (global row ids), each pair drawn once."""
+    out_rows, out_cols = [], []
+    step = max(1, _CHUNK_ELEMENTS * 16 // max(m * u.shape[-1], 1))
+    keys = torch.arange(m, device=u.device)
+    for first in range(0, rows.numel(), step):
+        r = rows[first : first + step]
+        pair, qi = r // n, r % n
+        lam = torch.einsum("rk,rmk->rm", u[pair, qi].double(), Z[pair].double())  # (R, M)
+        prob = (lam + eps).clamp(max=1.0)
+        if key_padding_mask is not None:
+            prob = prob.masked_fill(key_padding_mask[pair // heads], 0.0)
+        if causal:
+            prob = prob.masked_fill(keys.unsqueeze(0) > qi.unsqueeze(1), 0.0)
+        uni = _counter_uniform(
+            seed, 3, pair.unsqueeze(1).expand_as(prob), qi.unsqueeze(1).expand_as(prob),
+            keys.unsqueeze(0).expand_as(prob),
+        )  # fmt: skip
+        hit = (uni < prob).nonzero()
+        out_rows.append(r[hit[:, 0]])
+        out_cols.append(hit[:, 1])
+    return torch.cat(out_rows), torch.cat(out_cols)

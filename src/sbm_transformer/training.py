@@ -41,7 +41,7 @@ from sbm_transformer.checkpoint import (
     load_model_state,
     save_checkpoint,
 )
-from sbm_transformer.config import RunConfig, from_dict
+from sbm_transformer.config import RunConfig, TrainConfig, from_dict
 from sbm_transformer.data import load_task
 from sbm_transformer.data.base import IGNORE_INDEX, Batch, SequenceData, TaskInfo, collate_fn
 from sbm_transformer.models import ModelOutput, build_model, is_stochastic, set_sampling_seed
@@ -89,6 +89,16 @@ def lr_lambda(warmup: int, steps: int) -> Callable[[int], float]:
         return max(0.0, (steps - step) / max(steps - warmup, 1))
 
     return factor
+
+
+def sparsity_weight_at(t: TrainConfig, step: int) -> float:
+    """The sparsity term's weight at ``step`` (0-based): 0 for ``sparsity_start`` steps, then a
+    linear ramp over ``sparsity_ramp`` steps to ``sparsity_weight``."""
+    if step < t.sparsity_start:
+        return 0.0
+    if t.sparsity_ramp <= 0:
+        return t.sparsity_weight
+    return t.sparsity_weight * min(1.0, (step - t.sparsity_start + 1) / t.sparsity_ramp)
 
 
 def batch_order(n: int, batch_size: int, seed: int, start: int) -> Iterator[Tensor]:
@@ -464,13 +474,14 @@ def train(
             optimizer.zero_grad(set_to_none=True)
             step_loss = step_correct = step_count = 0.0
             step_density: list[Tensor] = []
+            weight = sparsity_weight_at(t, step)
             for micro in idx.chunk(t.grad_accum):
                 batch = make_batch(splits["train"], micro, task.kind).to(device)
                 with autocast():
                     out: ModelOutput = model(batch.tokens, batch.padding_mask)
                 loss, correct, count = task_loss(out.logits, batch.labels)
                 density = out.mean_density()
-                total = loss if density is None else loss + t.sparsity_weight * density.float()
+                total = loss if density is None else loss + weight * density.float()
                 total = total * (len(micro) / len(idx))
                 (scaler.scale(total) if scaler else total).backward()
                 step_loss += float(loss.detach()) * len(micro) / len(idx)
