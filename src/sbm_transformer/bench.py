@@ -31,13 +31,14 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from sbm_transformer._memory import PeakMemory
 from sbm_transformer._numba import numba_enabled
 from sbm_transformer.attention import SBMAttention
-from sbm_transformer.sampling import sample_graph
+from sbm_transformer.sampling import DISTRIBUTIONS, sample_graph
 
 METHODS = ("sparse", "sdpa", "dense")
 
@@ -79,6 +80,7 @@ class Settings:
     device: str = "cpu"
     dtype: str = "float32"
     seed: int = 0
+    distribution: str = "poisson"
 
 
 @dataclass
@@ -110,7 +112,8 @@ class Workload:
         torch.manual_seed(s.seed)
         self.attn = SBMAttention(
             s.heads * s.head_dim, s.heads, s.clusters, exploration=0.0,
-            init_density=case.target_density, device=dev, dtype=dtype,
+            init_density=case.target_density, distribution=s.distribution, device=dev,
+            dtype=dtype,
         )  # fmt: skip
         self.generator = torch.Generator(device=dev).manual_seed(s.seed)
         self._sbm: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
@@ -140,7 +143,8 @@ class Workload:
         if self._sbm is None:  # the memberships are not the sampler's work: computed once
             with torch.no_grad():
                 self._sbm = self.memberships()
-        return sample_graph(*self._sbm, generator=self.generator).num_edges
+        graph = sample_graph(*self._sbm, generator=self.generator, distribution=self.s.distribution)
+        return graph.num_edges
 
     def method(self, name: str) -> Callable[[], int]:
         return {
@@ -241,6 +245,59 @@ def measure_scaling(
     return ratio, statistics.median(times[0]), statistics.median(times[1])
 
 
+# ------------------------------------------------------------------ the two distributions
+#: (label, N, SBMAttention options) of the side-by-side sampler comparison.
+DISTRIBUTION_CASES: list[tuple[str, int, dict[str, Any]]] = [
+    ("init_density=0.01", 16384, {"init_density": 0.01}),
+    ("init_density=0.05", 4096, {"init_density": 0.05}),
+    ("no rate scale (paper / released code at initialisation)", 4096, {"rate_scale": None}),
+]
+
+
+@dataclass
+class DistributionRow:
+    label: str
+    n: int
+    edges: dict[str, int]  # distribution -> edges of the last graph
+    times: dict[str, float]  # distribution -> median seconds of sample_graph
+    ratio: float  # median over rounds of bernoulli / poisson
+
+
+def compare_distributions(s: Settings, log: Callable[[str], None]) -> list[DistributionRow]:
+    """``sample_graph`` with each distribution on the same memberships, rounds interleaved."""
+    rows = []
+    for label, n, options in DISTRIBUTION_CASES:
+        torch.manual_seed(s.seed)
+        x = torch.randn(1, s.heads, n, s.head_dim)
+        attn = SBMAttention(s.heads * s.head_dim, s.heads, s.clusters, exploration=0.0, **options)
+        with torch.no_grad():  # one model, sampled with either distribution
+            Y, Z = attn.memberships(x, x)
+            B = attn.block_matrix()
+        work = {d: (Y, Z, B, torch.Generator().manual_seed(s.seed)) for d in DISTRIBUTIONS}
+        for d, (Y, Z, B, g) in work.items():
+            sample_graph(Y, Z, B, generator=g, distribution=d)  # compile, warm
+        times: dict[str, list[float]] = {d: [] for d in work}
+        edges: dict[str, int] = {}
+        ratios = []
+        for _ in range(max(s.rounds, 5)):
+            for d, (Y, Z, B, g) in work.items():
+                t0 = time.perf_counter()
+                edges[d] = sample_graph(Y, Z, B, generator=g, distribution=d).num_edges
+                times[d].append(time.perf_counter() - t0)
+            ratios.append(times["bernoulli"][-1] / times["poisson"][-1])
+        row = DistributionRow(
+            label, n, edges, {d: statistics.median(v) for d, v in times.items()},
+            statistics.median(ratios),
+        )  # fmt: skip
+        log(
+            f"sampling, {label}, N = {n}: poisson {_fmt_time(row.times['poisson'])} "
+            f"({edges['poisson']:,} edges), bernoulli {_fmt_time(row.times['bernoulli'])} "
+            f"({edges['bernoulli']:,} edges), ratio {row.ratio:.2f}"
+        )
+        rows.append(row)
+    return rows
+
+
 # -------------------------------------------------------------------------------- memory
 def _probe(case: Case, s: Settings, method: str) -> dict[str, float]:
     """Peak memory of one call of ``method``; runs in its own process."""
@@ -271,12 +328,11 @@ def measure_memory(case: Case, s: Settings, method: str) -> float:
 
 
 # ---------------------------------------------------------------------- density at init
-def density_at_init(s: Settings, n: int = 1024, init_density: float | None = None) -> float:
-    """Mean density of a freshly initialised SBMAttention on random inputs (exploration 0.01)."""
+def density_at_init(s: Settings, n: int = 1024, **options: Any) -> float:
+    """Mean density of a freshly initialised SBMAttention(**options) on random inputs
+    (exploration 0.01)."""
     torch.manual_seed(s.seed)
-    attn = SBMAttention(
-        s.heads * s.head_dim, s.heads, s.clusters, exploration=0.01, init_density=init_density
-    )
+    attn = SBMAttention(s.heads * s.head_dim, s.heads, s.clusters, exploration=0.01, **options)
     with torch.no_grad():
         _, stats = attn(torch.randn(2, n, s.heads * s.head_dim))
     return float(stats.density.mean())
@@ -372,6 +428,7 @@ def markdown(
     init: dict[str, float],
     plot: str | None,
     scaling: dict[float, tuple[float, float, float]] | None = None,
+    distributions: list[DistributionRow] | None = None,
 ) -> str:
     lines = [
         "# Attention benchmark",
@@ -385,7 +442,8 @@ def markdown(
         f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__} "
         f"({torch.get_num_threads()} threads), device {s.device}, {s.dtype}; numba kernels: "
         f"{'on' if numba_enabled() else 'off'}. One layer's attention core, batch 1, "
-        f"{s.heads} heads, head size {s.head_dim}, K = {s.clusters} clusters, exploration 0; "
+        f"{s.heads} heads, head size {s.head_dim}, K = {s.clusters} clusters, exploration 0, "
+        f"{s.distribution} edges; "
         "fwd+bwd of `sum(out * g)` (+ 1e-4 * density for SBM). Times: medians over rounds in "
         f"which the methods run interleaved: at least {s.rounds}, more for fast cases until the "
         f"rounds took {s.min_time:g} s, at most {s.max_rounds} (column `rounds`). Memory: growth "
@@ -444,6 +502,25 @@ def markdown(
     ]
     for name, value in init.items():
         lines.append(f"- {name}: {value:.2%}")
+    if distributions:
+        lines += [
+            "",
+            "## The Bernoulli distribution",
+            "",
+            "`sample_graph` on the same memberships (random inputs, one sequence, "
+            f'{s.heads} heads, K = {s.clusters}, exploration 0) with `distribution="poisson"` '
+            'and `"bernoulli"` (thinned Poisson proposals; rows with a rate bound of 0.9 or '
+            "more drawn pair by pair), run alternately; ratio = median of per-round ratios.",
+            "",
+            "| model | N | poisson | edges | bernoulli | edges | bernoulli / poisson |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        for d in distributions:
+            lines.append(
+                f"| {d.label} | {d.n:,} | {_fmt_time(d.times['poisson'])} | "
+                f"{d.edges['poisson']:,} | {_fmt_time(d.times['bernoulli'])} | "
+                f"{d.edges['bernoulli']:,} | {d.ratio:.2f} |"
+            )
     if plot:
         lines += ["", f"![time and memory vs N]({Path(plot).name})"]
     return "\n".join(lines) + "\n"
@@ -516,6 +593,13 @@ def run(argv: Sequence[str] | None = None, log: Callable[[str], None] = print) -
     p.add_argument("--max-edges", type=int, default=120_000_000)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16"])
+    p.add_argument(
+        "--distribution", default="poisson", choices=DISTRIBUTIONS, help="of the sparse method"
+    )
+    p.add_argument(
+        "--no-distributions", action="store_true",
+        help="skip the side-by-side sampler comparison of the two distributions",
+    )  # fmt: skip
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     p.add_argument("--quick", action="store_true", help="N = 1k and 4k, one round: a smoke run")
     p.add_argument(
@@ -538,7 +622,7 @@ def run(argv: Sequence[str] | None = None, log: Callable[[str], None] = print) -
         heads=args.heads, head_dim=args.head_dim, clusters=args.clusters, rounds=args.rounds,
         min_time=args.min_time, max_rounds=max(args.max_rounds, args.rounds),
         dense_max_n=args.dense_max_n, max_edges=args.max_edges, device=args.device,
-        dtype=args.dtype, scaling_rounds=args.scaling_rounds,
+        dtype=args.dtype, scaling_rounds=args.scaling_rounds, distribution=args.distribution,
     )  # fmt: skip
     cases = build_cases(args.sizes, args.edges_per_query, args.densities)
     rows = []
@@ -558,7 +642,8 @@ def run(argv: Sequence[str] | None = None, log: Callable[[str], None] = print) -
         for epq in args.edges_per_query:
             scaling[epq] = measure_scaling(s, epq, 16384, 65536, log)
     init = {
-        "original initialisation (K = 128)": density_at_init(s),
+        "default (rate_scale=16)": density_at_init(s),
+        "paper / original form (no rate scale, K = 128)": density_at_init(s, rate_scale=None),
         "init_density=0.02": density_at_init(s, init_density=0.02),
     }
     for name, value in init.items():
@@ -568,7 +653,8 @@ def run(argv: Sequence[str] | None = None, log: Callable[[str], None] = print) -
         Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
         plot_rows(rows, args.plot)
         log(f"plot: {args.plot}")
-    report = markdown(rows, s, command.strip(), init, args.plot, scaling)
+    distributions = None if args.no_distributions else compare_distributions(s, log)
+    report = markdown(rows, s, command.strip(), init, args.plot, scaling, distributions)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(report)
