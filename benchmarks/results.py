@@ -126,7 +126,14 @@ def command(out: Path, section: Section, arm: Arm, seed: int) -> list[str]:
     ]  # fmt: skip
 
 
-def run_all(out: Path, sections: list[Section], jobs: int, rerun: bool) -> None:
+def run_all(
+    out: Path,
+    sections: list[Section],
+    jobs: int,
+    rerun: bool,
+    seeds: Sequence[int] | None = None,
+    arms: Sequence[str] | None = None,
+) -> None:
     env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
     if (
         any(s.task == "listops" for s in sections)
@@ -142,6 +149,7 @@ def run_all(out: Path, sections: list[Section], jobs: int, rerun: bool) -> None:
         for s in sections
         for seed in s.seeds
         for a in s.arms
+        if (seeds is None or seed in seeds) and (arms is None or a.name in arms)
         if rerun or not (run_dir(out, s, a, seed) / "summary.json").exists()
     ]
 
@@ -281,6 +289,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--out", default="runs/results", help="where the runs go")
     p.add_argument("--docs", default=str(ROOT / "docs"), help="where the report goes")
     p.add_argument("--only", nargs="*", choices=list(SECTIONS), help="these sections only")
+    p.add_argument("--seeds", type=int, nargs="*", help="these seeds only")
+    p.add_argument("--arms", nargs="*", help="these arms only (e.g. sbm softmax)")
     p.add_argument("--jobs", type=int, default=1, help="runs at a time")
     p.add_argument("--rerun", action="store_true", help="run again even where results exist")
     p.add_argument("--report-only", action="store_true", help="write the report, run nothing")
@@ -288,7 +298,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     sections = [SECTIONS[n] for n in (a.only or SECTIONS)]
     out = Path(a.out)
     if not a.report_only:
-        run_all(out, sections, a.jobs, a.rerun)
+        run_all(out, sections, a.jobs, a.rerun, a.seeds, a.arms)
     report(out, list(SECTIONS.values()), Path(a.docs))
 
 

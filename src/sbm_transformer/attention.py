@@ -50,8 +50,10 @@ class SBMAttention(nn.Module):
     a node MLP ``Linear(D, D) -> ReLU -> Linear(D, D)`` is shared by all heads. For projected
     queries q and keys k of a head: memberships ``Y = sigmoid(MLP(q) C_h^T)``,
     ``Z = sigmoid(MLP(k) C_h^T)``, block matrix ``B_h = softmax(C_h C_h^T)`` over all K*K
-    entries, and a graph is sampled with edge probability ``1 - exp(-(Y_i B_h Z_j^T + eps))``
-    (:func:`~sbm_transformer.sampling.sample_graph`); attention runs along its edges only.
+    entries, a learned rate scale ``s_h``, and a graph is sampled with edge probability
+    ``1 - exp(-(s_h Y_i B_h Z_j^T + eps))`` (or ``min(1, s_h Y_i B_h Z_j^T + eps)`` with
+    ``distribution="bernoulli"``; :func:`~sbm_transformer.sampling.sample_graph`); attention runs
+    along its edges only.
 
     Args:
         embed_dim: model dimension E (= num_heads * head dimension).
