@@ -686,3 +686,62 @@ def sample_csr(
     ptr = np.empty((tiles + 1 if tiles > 1 else 0, num_pairs * n), index_dtype)
     _compact(offsets, buf, crow, col, tiles, ptr)
     return crow, col, (ptr if tiles > 1 else None)
+
+
+@njit(parallel=True, cache=True, fastmath={"reassoc", "contract", "nsz"})
+def _thin_marks(seed, crow, col, u, z, c, dense, n, m, eps, c_top, keep, kept):  # pragma: no cover
+    k = u.shape[1]
+    for r in prange(crow.shape[0] - 1):
+        base = (r // n) * m
+        count = 0
+        for e in range(crow[r], crow[r + 1]):
+            if dense[r]:
+                keep[e] = False
+                continue
+            j = col[e]
+            acc = u[r, 0] - u[r, 0]  # a zero of the memberships' dtype: the sum vectorises
+            for b in range(k):
+                acc += u[r, b] * z[base + j, b]
+            lam = float(acc)
+            q = -math.expm1(-(c[r] * lam + c_top * eps))
+            _, x = _uniform(_stream(seed, r, j))
+            keep[e] = x * q < lam + eps
+            count += keep[e]
+        kept[r + 1] = count
+
+
+@njit(parallel=True, cache=True)
+def _thin_compact(crow, col, keep, new_crow, new_col):  # pragma: no cover
+    for r in prange(crow.shape[0] - 1):
+        out = new_crow[r]
+        for e in range(crow[r], crow[r + 1]):
+            if keep[e]:
+                new_col[out] = col[e]
+                out += 1
+
+
+def thin_csr(
+    seed: int,
+    crow: np.ndarray,
+    col: np.ndarray,
+    u: np.ndarray,
+    z: np.ndarray,
+    c: np.ndarray,
+    dense: np.ndarray,
+    n: int,
+    m: int,
+    eps: float,
+    c_top: float,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Bernoulli thinning of Poisson proposals (see ``sampling._sample_bernoulli``): keep edge
+    e of row r with probability ``(lambda_e + eps) / (1 - exp(-(c[r] lambda_e + c_top eps)))``,
+    ``lambda_e = u[r] . z[pair * m + j]``, with a uniform keyed by (seed, row, key), and no edge of
+    a row drawn pair by pair (``dense[r]``). Returns the kept graph's CSR pointers and keys, each
+    row's keys in their order."""
+    keep = scratch("thin_keep", (col.shape[0],), np.bool_)
+    kept = np.zeros(crow.shape[0], dtype=crow.dtype)
+    _thin_marks(seed, crow, col, u, z, c, dense, n, m, eps, c_top, keep, kept)
+    new_crow = np.cumsum(kept).astype(crow.dtype)
+    new_col = np.empty(int(new_crow[-1]), dtype=col.dtype)
+    _thin_compact(crow, col, keep, new_crow, new_col)
+    return new_crow, new_col

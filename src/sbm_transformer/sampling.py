@@ -630,10 +630,14 @@ def _sample_bernoulli(
     m = Z.shape[2]
     p = bsz * heads
     dev = Y.device
-    # float64: the bound must not round below the largest rate of its row
-    u = (Y.reshape(p, n, k).double() @ Bx.reshape(p, k, k).double()).reshape(bsz, heads, n, k)
-    zmax = Z.double().cummax(2).values if causal else Z.double().amax(2, keepdim=True)
-    bound = (u * zmax).sum(-1) + eps  # (B, H, N) >= max_j lambda_ij + eps
+    u = (Y.reshape(p, n, k) @ Bx.reshape(p, k, k)).reshape(bsz, heads, n, k)  # (B, H, N, K)
+    if causal:
+        zmax = Z.cummax(2).values  # (B, H, N, K) prefix maxima
+        bound = (u * zmax).sum(-1)
+    else:
+        bound = (u @ Z.amax(2).unsqueeze(-1)).squeeze(-1)  # (B, H, N)
+    # >= max_j lambda_ij + eps: a margin above the rounding of K-term float32 sums
+    bound = bound.double() * (1.0 + 1e-4) + eps
     dense = bound >= BERNOULLI_DENSE_ROW
     x = bound.clamp(min=1e-12, max=BERNOULLI_DENSE_ROW)
     c = torch.where(dense, 0.0, (-torch.log1p(-x) / x).clamp(min=1.0))  # (B, H, N)
@@ -643,28 +647,40 @@ def _sample_bernoulli(
         key_padding_mask, causal, generator,
     )  # fmt: skip
     seed = _seed_from(generator, dev)
-    crow, col = proposal.crow_indices, proposal.col_indices.long()
-    rows = torch.repeat_interleave(torch.arange(p * n, device=dev), crow[1:] - crow[:-1])
-    pair, qi = rows // n, rows % n
+    crow, col = proposal.crow_indices, proposal.col_indices
     up, zp, cp = u.reshape(p, n, k), Z.reshape(p, m, k), c.reshape(p * n)
-    lam = _edge_rates(up, zp, pair, qi, col)
-    target = lam + eps
-    q = -torch.expm1(-(cp[rows] * lam + c_top * eps))
-    keep = (_counter_uniform(seed, 3, pair, qi, col) * q < target) & ~dense.reshape(-1)[rows]
-    rows, col = rows[keep], col[keep]
+    if use_numba(Y):
+        from sbm_transformer import _numba_sampler
+
+        crow_np, col_np = _numba_sampler.thin_csr(
+            seed, crow.numpy(), col.numpy(), up.reshape(p * n, k).contiguous().numpy(),
+            zp.reshape(p * m, k).contiguous().numpy(), cp.numpy(),
+            dense.reshape(-1).numpy(), n, m, float(eps), c_top,
+        )  # fmt: skip
+        crow, col = torch.from_numpy(crow_np), torch.from_numpy(col_np)
+    else:
+        rows = torch.repeat_interleave(torch.arange(p * n, device=dev), crow[1:] - crow[:-1])
+        pair, qi, key = rows // n, rows % n, col.long()
+        lam = _edge_rates(up, zp, pair, qi, key)
+        q = -torch.expm1(-(cp[rows] * lam + c_top * eps))
+        uniform = _counter_uniform(seed, 3, pair, qi, key)
+        keep = (uniform * q < lam + eps) & ~dense.reshape(-1)[rows]
+        crow = torch.zeros_like(crow)
+        crow[1:] = torch.bincount(rows[keep], minlength=p * n).cumsum(0)
+        col = col[keep]
     dense_rows = dense.reshape(-1).nonzero().squeeze(1)
-    if dense_rows.numel():
+    if dense_rows.numel():  # merged in: every edge of these rows comes from here
         d_rows, d_col = _dense_rows_bernoulli(
             up, zp, dense_rows, n, m, eps, key_padding_mask, causal, heads, seed
         )
+        rows = torch.repeat_interleave(torch.arange(p * n, device=dev), crow[1:] - crow[:-1])
         rows = torch.cat([rows, d_rows])
-        col = torch.cat([col, d_col])
+        col = torch.cat([col, d_col.to(col.dtype)])
         order = torch.argsort(rows, stable=True)  # keeps each row's keys in their order
-        rows, col = rows[order], col[order]
-    idt = proposal.col_indices.dtype
-    new_crow = torch.zeros(p * n + 1, dtype=crow.dtype, device=dev)
-    new_crow[1:] = torch.bincount(rows, minlength=p * n).cumsum(0)
-    return Graph(new_crow, col.to(idt), (bsz, heads, n, m), tile_shift=proposal.tile_shift)
+        col = col[order]
+        crow = torch.zeros_like(crow)
+        crow[1:] = torch.bincount(rows, minlength=p * n).cumsum(0)
+    return Graph(crow, col, (bsz, heads, n, m), tile_shift=proposal.tile_shift)
 
 
 def _dense_rows_bernoulli(
