@@ -358,3 +358,53 @@ def test_unknown_distribution_is_named() -> None:
         sample_graph(Y, Z, B, distribution="binomial")
     with pytest.raises(ValueError, match="unknown distribution"):
         edge_probability(Y, Z, B, distribution="uniform")
+
+
+# ------------------------------------------------------------------------------ bad numbers
+@pytest.fixture
+def deadline():
+    """Fail instead of hanging: the call under test must return within 60 s."""
+    import signal
+
+    def expired(signum, frame):
+        raise TimeoutError("the call hung")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.alarm(60)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.mark.parametrize("distribution", ["poisson", "bernoulli"])
+@pytest.mark.parametrize(
+    ("name", "value", "match"),
+    [
+        ("Y", float("nan"), r"Y \(query memberships\) contains NaN"),
+        ("Z", float("inf"), r"Z \(key memberships\) contains inf"),
+        ("B", float("-inf"), r"B \(block matrix\) contains inf"),
+        ("Y", -0.5, r"Y \(query memberships\) has negative entries"),
+        ("B", -1e-3, r"B \(block matrix\) has negative entries"),
+    ],
+)
+def test_bad_numbers_raise_naming_the_tensor(
+    sampler_impl: str, deadline, distribution: str, name: str, value: float, match: str
+) -> None:
+    Y, Z, B = sbm_inputs(2, 2, 50, 50, 4)
+    inputs = {"Y": Y.clone(), "Z": Z.clone(), "B": B.clone()}
+    inputs[name].view(-1)[3] = value
+    with pytest.raises(ValueError, match=match):
+        sample_graph(inputs["Y"], inputs["Z"], inputs["B"], distribution=distribution)
+
+
+def test_nan_input_to_the_module_raises_quickly(deadline) -> None:
+    from sbm_transformer import SBMAttention
+
+    attn = SBMAttention(64, 2, 16)
+    x = torch.randn(2, 200, 64)
+    x[0, 3, 5] = float("nan")
+    with pytest.raises(ValueError, match="contains NaN"):
+        attn(x)
+    x[0, 3, 5] = float("inf")
+    with pytest.raises(ValueError, match=r"contains (NaN|inf)"):
+        attn(x)

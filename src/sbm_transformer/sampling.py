@@ -124,6 +124,31 @@ def _check_sbm_inputs(
     return B
 
 
+#: What each SBM input is, for error messages.
+_SBM_TENSORS = {"Y": "query memberships", "Z": "key memberships", "B": "block matrix"}
+
+
+def check_sbm_values(**tensors: Tensor) -> None:
+    """Raise ValueError naming the tensor unless every entry is finite and >= 0.
+
+    A NaN or infinite rate would make the sampler draw without bound (a hang); a negative one
+    has no meaning. One min/max pass per tensor (NaN propagates through both).
+    """
+    for name, t in tensors.items():
+        if t.numel() == 0:
+            continue
+        lo, hi = (float(v) for v in torch.aminmax(t.detach()))
+        what = f"{name} ({_SBM_TENSORS.get(name, name)})"
+        if math.isnan(lo) or math.isnan(hi) or math.isinf(lo) or math.isinf(hi):
+            kind = "NaN" if math.isnan(lo) or math.isnan(hi) else "inf"
+            raise ValueError(
+                f"{what} contains {kind}: cannot sample a graph from it (NaN or inf in the "
+                "attention's inputs or parameters reach the memberships)"
+            )
+        if lo < 0:
+            raise ValueError(f"{what} has negative entries (min {lo:.4g}); rates must be >= 0")
+
+
 def check_exploration(exploration: float) -> None:
     """Raise unless ``exploration`` is a finite number >= 0."""
     if isinstance(exploration, bool) or not isinstance(exploration, (int, float)):
@@ -292,6 +317,7 @@ def sample_graph(
     """
     Bx = _check_sbm_inputs(Y, Z, B, exploration, key_padding_mask, causal)
     check_distribution(distribution)
+    check_sbm_values(Y=Y, Z=Z, B=B)
     bsz, heads, n, _ = Y.shape
     m = Z.shape[2]
     if max_edges is not None:
