@@ -353,10 +353,9 @@ def _sample_poisson(
     """The fastRG graph of checked inputs (Z already zero on padded keys, B expanded)."""
     bsz, heads, n, _ = Yw.shape
     m = Zw.shape[2]
-    Y = Yw
-    visible = _visible_counts(key_padding_mask, causal, bsz, n, m, Y.device)
-    valid = _valid_keys(key_padding_mask, bsz, m, Y.device)
-    if use_numba(Y):
+    visible = _visible_counts(key_padding_mask, causal, bsz, n, m, Yw.device)
+    valid = _valid_keys(key_padding_mask, bsz, m, Yw.device)
+    if use_numba(Yw):
         crow, col, ptr = _sample_numba(Yw, Zw, Bw, exploration, causal, visible, valid, generator)
         return Graph(crow, col, (bsz, heads, n, m), tile_shift=TILE_SHIFT, tile_pointers=ptr)
     crow, col = _sample_torch(Yw, Zw, Bw, exploration, causal, visible, valid, generator)
