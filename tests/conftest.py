@@ -23,6 +23,21 @@ def sampler_impl(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
     return str(request.param)
 
 
+@pytest.fixture
+def deadline():
+    """Fail instead of hanging: the call under test must return within 60 s."""
+    import signal
+
+    def expired(signum, frame):
+        raise TimeoutError("the call hung")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.alarm(60)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
+
+
 def sbm_inputs(
     bsz: int,
     heads: int,

@@ -306,3 +306,51 @@ def test_sigmoid_product_by_row_blocks(monkeypatch: pytest.MonkeyPatch, dtype: t
     got = attention._sigmoid_product(features, centers)
     assert got.shape == (2, 3, 7, 5) and got.dtype == dtype
     torch.testing.assert_close(got, torch.sigmoid(features @ centers), rtol=0, atol=1e-6)
+
+
+# ------------------------------------------------------------------ empty inputs, bad numbers
+@pytest.mark.parametrize("backend", ["dense", *SPARSE_BACKENDS])
+@pytest.mark.parametrize(
+    ("query_shape", "key_shape"),
+    [((2, 0, 32), None), ((0, 5, 32), None), ((2, 5, 32), (2, 0, 32)), ((2, 0, 32), (2, 4, 32))],
+)
+def test_empty_sequences_give_empty_outputs(backend: str, query_shape, key_shape) -> None:
+    """As nn.MultiheadAttention: no queries give no output rows; no keys give the rows of a
+    query without edges (zeros before the output projection)."""
+    attn = SBMAttention(32, 2, 8, backend=backend)
+    query = torch.randn(query_shape, requires_grad=True)
+    key = None if key_shape is None else torch.randn(key_shape, requires_grad=True)
+    out, stats = attn(query, key)
+    assert out.shape == query_shape
+    if key_shape is not None and key_shape[1] == 0 and query_shape[1] > 0:
+        assert torch.allclose(out, attn.out_proj.bias.expand_as(out))
+    out.sum().backward()
+    assert stats.graph is None or stats.graph.num_edges == 0
+    assert torch.isfinite(stats.density).all()
+
+
+@pytest.mark.parametrize("backend", ["dense", *SPARSE_BACKENDS])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_bad_numbers_given_a_graph_stay_in_their_sequence(deadline, backend, value) -> None:
+    """With the graph given (no sampling), NaN or inf in one sequence's queries, keys or values
+    makes that sequence's output non-finite and leaves the other sequence's exact, quickly."""
+    attn = SBMAttention(32, 2, 8, backend=backend).eval()
+    x = torch.randn(2, 40, 32)
+    _, stats = attn(x, generator=torch.Generator().manual_seed(0))
+    clean, _ = attn(x, graph=stats.graph)
+    for where in ("query", "key", "value"):
+        bad = x.clone()
+        bad[0, 7, 3] = value
+        args = {"query": x, "key": x, "value": x}
+        args[where] = bad
+        out, _ = attn(args["query"], args["key"], args["value"], graph=stats.graph)
+        assert not torch.isfinite(out[0]).all(), where
+        assert torch.equal(out[1], clean[1]), where
+
+
+def test_nan_in_a_parameter_is_named(deadline) -> None:
+    attn = SBMAttention(32, 2, 8)
+    with torch.no_grad():
+        attn.log_rate_scale[1] = float("nan")
+    with pytest.raises(ValueError, match=r"B \(block matrix\) contains NaN"):
+        attn(torch.randn(2, 20, 32))

@@ -361,21 +361,6 @@ def test_unknown_distribution_is_named() -> None:
 
 
 # ------------------------------------------------------------------------------ bad numbers
-@pytest.fixture
-def deadline():
-    """Fail instead of hanging: the call under test must return within 60 s."""
-    import signal
-
-    def expired(signum, frame):
-        raise TimeoutError("the call hung")
-
-    previous = signal.signal(signal.SIGALRM, expired)
-    signal.alarm(60)
-    yield
-    signal.alarm(0)
-    signal.signal(signal.SIGALRM, previous)
-
-
 @pytest.mark.parametrize("distribution", ["poisson", "bernoulli"])
 @pytest.mark.parametrize(
     ("name", "value", "match"),

@@ -10,8 +10,8 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
-import sys
 import threading
+import weakref
 
 import numpy as np
 import torch
@@ -29,17 +29,32 @@ def numba_enabled() -> bool:
 
 
 def use_numba(*tensors: torch.Tensor) -> bool:
-    """True when the numba kernels should handle these tensors (all on the CPU, numba enabled)."""
-    return numba_enabled() and all(t.device.type == "cpu" for t in tensors)
+    """True when the numba kernels should handle these tensors (all on the CPU, numba enabled).
+
+    When true, numba's thread count is first matched to torch's (:func:`sync_threads`): every
+    numba kernel is reached through this check.
+    """
+    if numba_enabled() and all(t.device.type == "cpu" for t in tensors):
+        sync_threads()
+        return True
+    return False
 
 
 def sync_threads() -> None:
-    """Give numba's parallel loops the same thread count as torch."""
+    """Give numba's parallel loops the same thread count as torch, and keep torch's.
+
+    With numba's ``omp`` threading layer, numba and torch share one OpenMP runtime: numba's first
+    parallel loop (and ``numba.set_num_threads``) set the runtime's thread count for the calling
+    thread to numba's own (all CPUs), which silently undid ``torch.set_num_threads(1)``.
+    """
     import numba
 
-    n = min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)  # type: ignore[attr-defined]
+    want = torch.get_num_threads()
+    n = min(want, numba.config.NUMBA_NUM_THREADS)  # type: ignore[attr-defined]
     if numba.get_num_threads() != n:
         numba.set_num_threads(n)
+    if torch.get_num_threads() != want:
+        torch.set_num_threads(want)
 
 
 class _Workspace(threading.local):
@@ -80,57 +95,77 @@ def scratch(name: str, shape: tuple[int, ...], dtype: np.dtype | type) -> np.nda
 
 def release_workspace() -> None:
     """Free the scratch arrays kept between calls by the numba kernels of this thread, and the
-    recycled ones no longer in use."""
+    pooled blocks no longer in use."""
     _WORKSPACE.buffers.clear()
-    with _RECYCLED_LOCK:
-        _RECYCLED[:] = [b for b in _RECYCLED if sys.getrefcount(b) > _FREE_REFS]
+    with _POOL_LOCK:
+        _FREE_BLOCKS.clear()
 
 
 #: Arrays of at least this many bytes come from :func:`recycled` (glibc maps blocks above 32 MiB
 #: fresh at every allocation, and unmaps them when freed).
 RECYCLE_BYTES = 32 << 20
-_RECYCLED: list[np.ndarray] = []
-_RECYCLED_LOCK = threading.Lock()
-#: ``sys.getrefcount(b)`` of a pooled array ``b`` that nothing else holds, taken in a loop over
-#: the pool: the list, the loop variable and the call's argument.
-_FREE_REFS = 3
+#: Pooled blocks that nothing uses: a block is in this list only between the moment the last
+#: tensor or array on it is freed and the moment it is handed out again.
+_FREE_BLOCKS: list[np.ndarray] = []
+_POOL_LOCK = threading.Lock()
+
+
+def _give_back(block: np.ndarray) -> None:
+    """Return ``block`` to the pool; called when the last user of its storage is freed."""
+    with _POOL_LOCK:
+        _FREE_BLOCKS.append(block)
+
+
+def _take_block(nbytes: int) -> np.ndarray:
+    with _POOL_LOCK:
+        fits = [b for b in _FREE_BLOCKS if b.nbytes >= nbytes]
+        if fits:
+            block = min(fits, key=lambda b: b.nbytes)
+            _FREE_BLOCKS.remove(block)
+            return block
+        # a new block with room for the next call's few more edges; free blocks too small for
+        # this request are dropped (sizes follow the sampled edge count, which mostly grows)
+        _FREE_BLOCKS[:] = [b for b in _FREE_BLOCKS if b.nbytes > nbytes]
+    return np.empty(nbytes + nbytes // 16, np.uint8)
+
+
+def _pooled_tensor(size: int, dt: np.dtype) -> torch.Tensor:
+    """A 1-D tensor of ``size`` items on a pooled block. The block returns to the pool when the
+    tensor's storage is freed, i.e. when no tensor, view or array made from it is left: every
+    view holds the storage, and so does every array from ``Tensor.numpy()`` (its base is the
+    tensor). Ownership is the storage's lifetime, not a reference count read from CPython."""
+    block = _take_block(size * dt.itemsize)
+    tensor = torch.from_numpy(block[: size * dt.itemsize].view(dt))
+    done = weakref.finalize(tensor.untyped_storage(), _give_back, block)
+    done.atexit = False
+    return tensor
 
 
 def recycled(size: int, dtype: np.dtype | type) -> np.ndarray:
     """An uninitialised 1-D array of ``size`` items for a result that outlives the call (the
-    graph's keys, the softmax weights kept for backward), taken from a pool of large arrays.
+    graph's keys, the softmax weights kept for backward), from a pool of large blocks.
 
     Scratch (:func:`scratch`) serves memory used within one call; results can live on (a graph
-    the user keeps, several layers' weights alive until backward). A pooled array is handed out
-    again only once nothing but the pool refers to it: every tensor made from it with
-    ``torch.from_numpy``, and every view, holds a reference until it is freed. Reusing them spares
-    the page faults of fresh memory: at N = 64k, 128 edges per query, each of these arrays is 64
-    MiB. Small requests are plain ``np.empty``.
+    the user keeps, several layers' weights alive until backward). A block is handed out again
+    only after the storage made on it is freed (see :func:`_pooled_tensor`). Reusing blocks
+    spares the page faults of fresh memory: at N = 64k, 128 edges per query, each of these
+    arrays is 64 MiB. Small requests are plain ``np.empty``.
     """
     dt = np.dtype(dtype)
-    nbytes = size * dt.itemsize
-    if nbytes < RECYCLE_BYTES:
+    if size * dt.itemsize < RECYCLE_BYTES:
         return np.empty(size, dt)
-    with _RECYCLED_LOCK:
-        free = [b for b in _RECYCLED if sys.getrefcount(b) <= _FREE_REFS and b.nbytes >= nbytes]
-        if free:
-            buf = min(free, key=lambda b: b.nbytes)
-        else:  # a new one, with room for the next call's few more edges; drop unused smaller ones
-            _RECYCLED[:] = [
-                b for b in _RECYCLED if sys.getrefcount(b) > _FREE_REFS or b.nbytes > nbytes
-            ]
-            buf = np.empty(nbytes + nbytes // 16, np.uint8)
-            _RECYCLED.append(buf)
-    return buf[:nbytes].view(dt)
+    return _pooled_tensor(size, dt).numpy()
 
 
 def recycled_empty(shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
-    """An uninitialised tensor of ``shape`` with ``like``'s dtype and device: from
-    :func:`recycled` on the CPU (float32 and float64), else ``torch.empty``."""
+    """An uninitialised tensor of ``shape`` with ``like``'s dtype and device: pooled (see
+    :func:`recycled`) on the CPU for float32 and float64, else ``torch.empty``."""
     if like.device.type != "cpu" or like.dtype not in (torch.float32, torch.float64):
         return like.new_empty(shape)
     size = 1
     for d in shape:
         size *= d
-    dt = np.float32 if like.dtype == torch.float32 else np.float64
-    return torch.from_numpy(recycled(size, dt)).view(shape)
+    dt = np.dtype(np.float32 if like.dtype == torch.float32 else np.float64)
+    if size * dt.itemsize < RECYCLE_BYTES:
+        return like.new_empty(shape)
+    return _pooled_tensor(size, dt).view(shape)

@@ -349,6 +349,7 @@ def _sigmoid_product(features: Tensor, centers: Tensor) -> Tensor:
         features.device.type != "cpu"
         or features.dtype != centers.dtype
         or torch.is_autocast_enabled(features.device.type)
+        or features.numel() == 0
     ):
         return torch.sigmoid_(features @ centers)
     batch = torch.broadcast_shapes(features.shape[:-2], centers.shape[:-2])

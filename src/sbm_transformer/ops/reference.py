@@ -60,6 +60,8 @@ def dense_edge_attention(
         ``(B, H, N, Dv)``.
     """
     s = (q @ k.transpose(-1, -2)) * scale
+    if s.shape[-1] == 0:  # no keys: every row is without edges
+        return s @ v
     s = s.masked_fill(~mask, float("-inf"))
     row_max = s.amax(-1, keepdim=True).detach()
     row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
