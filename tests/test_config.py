@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from sbm_transformer.config import RunConfig, apply_overrides, from_dict, load_yaml, preset
+from sbm_transformer.config import (
+    RunConfig,
+    apply_overrides,
+    from_dict,
+    load_yaml,
+    preset,
+    validate,
+)
 
 
 def test_presets_and_round_trip(tmp_path) -> None:
@@ -71,3 +78,59 @@ def test_yaml_file_errors_name_the_file(tmp_path) -> None:
     ok = tmp_path / "ok.yaml"
     ok.write_text("train:\n  steps: 7\n")
     assert load_yaml(RunConfig(), ok).train.steps == 7
+
+
+def test_every_preset_is_valid() -> None:
+    from sbm_transformer.data import TASKS
+
+    for name in ("tiny", "lra"):
+        for task in TASKS:
+            validate(preset(name, task))
+
+
+@pytest.mark.parametrize(
+    ("item", "match"),
+    [
+        ("train.log_every=0", r"^train.log_every must be >= 1, got 0$"),
+        ("train.eval_every=0", r"^train.eval_every must be >= 1, got 0$"),
+        ("train.batch_size=0", r"^train.batch_size must be >= 1, got 0$"),
+        ("train.batch_size=-4", r"^train.batch_size must be >= 1, got -4$"),
+        ("train.steps=0", r"^train.steps must be >= 1"),
+        ("train.grad_accum=0", r"^train.grad_accum must be >= 1"),
+        ("train.lr=0", r"^train.lr must be > 0, got 0.0$"),
+        ("train.lr=-1e-3", r"^train.lr must be > 0"),
+        ("train.lr=.nan", r"^train.lr must be a finite number, got nan$"),
+        ("train.warmup=-1", r"^train.warmup must be >= 0"),
+        ("train.eval_samples=0", r"^train.eval_samples must be >= 1"),
+        ("data.max_length=0", r"^data.max_length must be >= 1"),
+        ("data.min_length=-1", r"^data.min_length must be >= 0"),
+        ("data.val_size=-1", r"^data.val_size must be >= 0"),
+        ("model.dim=0", r"^model.dim must be >= 1"),
+        ("model.heads=0", r"^model.heads must be >= 1"),
+        ("model.layers=0", r"^model.layers must be >= 1"),
+        ("model.num_clusters=0", r"^model.num_clusters must be >= 1"),
+        ("model.rate_scale=0", r"^model.rate_scale must be > 0"),
+        ("model.dropout=1", r"^model.dropout must be in \[0, 1\), got 1.0$"),
+        ("model.heads=3", r"^model.dim \(64\) must be divisible by model.heads \(3\)$"),
+        ("train.grad_accum=3", r"^train.batch_size \(32\) must be a multiple of train.grad_accum"),
+        ("data.min_length=500", r"^data.min_length \(500\) must be <= data.max_length \(128\)$"),
+        ("model.attention=flash", r"^unknown model.attention 'flash'; valid: sbm, softmax"),
+        ("model.pooling=max", r"^unknown model.pooling 'max'; valid: mean, cls$"),
+        ("model.sbm=new", r"^unknown model.sbm 'new'; valid: default, paper, original$"),
+        ("train.amp=fp8", r"^unknown train.amp 'fp8'; valid: auto, off, bf16, fp16$"),
+        ("train.device=gpu", r"^train.device 'gpu' is not a device name"),
+        ("data.task=sudoku", r"^unknown data.task 'sudoku'; valid: listops"),
+    ],
+)
+def test_validate_names_the_key(item: str, match: str) -> None:
+    cfg = apply_overrides(preset("tiny", "listops"), [item])
+    with pytest.raises(ValueError, match=match):
+        validate(cfg)
+
+
+@pytest.mark.parametrize("name", ["tiny", "lra"])
+def test_repeat_preset_has_balanced_labels(name: str) -> None:
+    from sbm_transformer.data.synthetic import repeat_rate
+
+    d = preset(name, "repeat").data
+    assert 0.5 < repeat_rate(d.vocab, d.min_length, d.max_length) < 0.65  # not ~99 % ones
