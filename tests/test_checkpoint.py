@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 
 import pytest
 import torch
 
+from sbm_transformer import checkpoint
 from sbm_transformer.checkpoint import (
     CheckpointError,
+    CheckpointWriteError,
     load_checkpoint,
     load_model_state,
     save_checkpoint,
@@ -69,3 +73,42 @@ def test_incompatible_model_is_named(tmp_path) -> None:
         load_model_state(torch.nn.Linear(3, 4), state["model"], "here")
     with pytest.raises(CheckpointError, match="missing"):
         load_model_state(torch.nn.Sequential(torch.nn.Linear(3, 2)), state["model"], "here")
+
+
+def _full_disk(*args, **kwargs):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+@pytest.mark.parametrize("where", ["tensors", "index"])
+def test_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch, where: str) -> None:
+    save_checkpoint(tmp_path, "last", {"w": torch.ones(3)}, step=1)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    target = "save_file" if where == "tensors" else "atomic_write_text"
+    monkeypatch.setattr(checkpoint, target, _full_disk)
+    with pytest.raises(CheckpointWriteError) as info:
+        save_checkpoint(tmp_path, "last", {"w": torch.zeros(3)}, step=2)
+    message = str(info.value)
+    assert "\n" not in message and str(tmp_path) in message
+    assert "No space left on device" in message and "previous 'last' checkpoint is kept" in message
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing half-written left
+    state, step = load_checkpoint(tmp_path, "last")
+    assert step == 1 and torch.equal(state["w"], torch.ones(3))
+
+
+def test_saving_the_same_step_again_never_touches_the_indexed_file(tmp_path, monkeypatch) -> None:
+    save_checkpoint(tmp_path, "last", {"w": torch.ones(3)}, step=5)
+    monkeypatch.setattr(checkpoint, "atomic_write_text", _full_disk)
+    with pytest.raises(CheckpointWriteError):
+        save_checkpoint(tmp_path, "last", {"w": torch.zeros(3)}, step=5)
+    monkeypatch.undo()
+    assert torch.equal(load_checkpoint(tmp_path, "last")[0]["w"], torch.ones(3))
+    save_checkpoint(tmp_path, "last", {"w": torch.zeros(3)}, step=5)
+    assert torch.equal(load_checkpoint(tmp_path, "last")[0]["w"], torch.zeros(3))
+    assert [p.name for p in tmp_path.glob("*.safetensors")] == ["last-00000005-1.safetensors"]
+
+
+def test_unwritable_directory_is_one_line(tmp_path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(CheckpointWriteError, match=f"cannot write checkpoint 'best' .*{blocker}"):
+        save_checkpoint(blocker / "checkpoints", "best", {"w": torch.ones(1)}, step=1)

@@ -9,8 +9,10 @@ A checkpoint named ``last`` or ``best`` lives in a run's ``checkpoints/`` direct
 
 Writes are atomic: the tensors go to a new file, then ``<name>.json`` is replaced in one
 ``os.replace``, and only then is the previous tensors file removed. A crash at any point leaves
-either the old or the new checkpoint, complete. Loading checks the hash and every tensor's shape
-and raises :class:`CheckpointError` naming the file and the problem; nothing is overwritten.
+either the old or the new checkpoint, complete; so does a failed write (a full disk, a read-only
+directory), which raises :class:`CheckpointWriteError` naming the path and removes what it
+had written. Loading checks the hash and every tensor's shape and raises
+:class:`CheckpointError` naming the file and the problem; nothing is overwritten.
 """
 
 from __future__ import annotations
@@ -19,10 +21,12 @@ import hashlib
 import json
 import os
 import tempfile
+from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 FORMAT_VERSION = 1
@@ -30,6 +34,11 @@ FORMAT_VERSION = 1
 
 class CheckpointError(ValueError):
     """A checkpoint is missing, corrupt, or does not fit the model."""
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (disk full, read-only directory, ...); the previous
+    checkpoint of that name is intact."""
 
 
 def _sha256(path: Path) -> str:
@@ -40,7 +49,10 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and one ``os.replace``: readers see
+    the old or the new content, never a part. The temporary file is removed on failure."""
+    path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as f:
@@ -98,37 +110,75 @@ def save_checkpoint(directory: str | Path, name: str, state: dict[str, Any], *, 
     """Atomically save ``state`` (nested dicts/lists of tensors and JSON values) as ``name``.
 
     Returns the path of ``<name>.json``.
+
+    Raises:
+        CheckpointWriteError: the directory or a file cannot be written (one line naming the
+            path and the reason); the previous checkpoint ``name`` is left as it was.
     """
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, torch.Tensor] = {}
     rest = _split_state("state", state, tensors)
-    tensor_file = directory / f"{name}-{step:08d}.safetensors"
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{tensor_file.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, tensor_file)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     index = directory / f"{name}.json"
     previous = _read_index(index)["tensors"] if index.exists() else None
-    meta = {
-        "format_version": FORMAT_VERSION,
-        "step": step,
-        "tensors": tensor_file.name,
-        "sha256": _sha256(tensor_file),
-        "state": rest,
-    }
-    _atomic_write_text(index, json.dumps(meta, indent=1))
+    tensor_file = _new_tensor_file(directory, name, step, previous)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        _write_tensors(tensors, tensor_file)
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "step": step,
+            "tensors": tensor_file.name,
+            "sha256": _sha256(tensor_file),
+            "state": rest,
+        }
+        atomic_write_text(index, json.dumps(meta, indent=1))
+    except BaseException as err:
+        if _indexed_file(index) != tensor_file.name:  # (an interrupt may land after the replace)
+            with suppress(OSError):
+                tensor_file.unlink(missing_ok=True)
+        if isinstance(err, (OSError, SafetensorError)):
+            reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+            kept = f"; the previous {name!r} checkpoint is kept" if previous else ""
+            raise CheckpointWriteError(
+                f"cannot write checkpoint {name!r} (step {step}) in {directory}: {reason}{kept}"
+            ) from err
+        raise
     if previous and previous != tensor_file.name:
         still_used = {_read_index(p)["tensors"] for p in directory.glob("*.json") if p != index}
         if previous not in still_used:
             (directory / previous).unlink(missing_ok=True)
     return index
+
+
+def _new_tensor_file(directory: Path, name: str, step: int, previous: str | None) -> Path:
+    """``<name>-<step>.safetensors``, or with a suffix when the current index uses that name
+    (saving the same step again must not replace the file the intact index points to)."""
+    path = directory / f"{name}-{step:08d}.safetensors"
+    suffix = 1
+    while path.name == previous:
+        path = directory / f"{name}-{step:08d}-{suffix}.safetensors"
+        suffix += 1
+    return path
+
+
+def _indexed_file(index: Path) -> str | None:
+    try:
+        return str(json.loads(index.read_text())["tensors"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _write_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def _read_index(index: Path) -> dict[str, Any]:
