@@ -168,6 +168,8 @@ def test_listops_incomplete_prepared_dir(tmp_path: Path) -> None:
         ("( ( [MAX 2 ) 19 ) ]\t9", "unknown token '19'"),
         ("( ( [MAX 2 ) 9 ) ]\t10", "target 10 outside 0..9"),
         ("( ( [MAX 2 ) 9 ) ]\tx", "not an integer"),
+        ("( )\t3", "empty expression"),
+        ("\t3", "empty expression"),
     ],
 )
 def test_listops_malformed_line(tmp_path: Path, line: str, message: str) -> None:
@@ -175,6 +177,46 @@ def test_listops_malformed_line(tmp_path: Path, line: str, message: str) -> None
     path.write_text(f"Source\tTarget\n( ( [MIN 1 ) 2 ) ]\t1\n{line}\n")
     with pytest.raises(ValueError, match=f"basic_val.tsv:3: .*{message}"):
         listops.read_tsv(path)
+
+
+@pytest.mark.parametrize("task", ["listops", "repeat", "retrieval", "lm", "image"])
+def test_missing_data_dir_is_an_error(tmp_path: Path, task: str) -> None:
+    missing = tmp_path / "nowhere"
+    with pytest.raises(FileNotFoundError, match=f"^data.dir {missing} does not exist$"):
+        load_task(small(task, dir=str(missing)))
+
+
+@pytest.mark.parametrize(
+    ("task", "message"),
+    [
+        ("listops", r"holds none of basic_train.tsv, .*`sbmt data listops --out"),
+        ("repeat", r"holds none of repeat_train.tsv, .*leave data.dir unset"),
+        ("retrieval", r"holds none of retrieval_train.tsv"),
+        ("lm", r"holds none of lm_train.txt"),
+        ("image", r"has no image.json for task 'image'"),
+        ("text", r"has no text.json for task 'text'"),
+    ],
+)
+def test_data_dir_without_the_task_is_an_error(tmp_path: Path, task: str, message: str) -> None:
+    with pytest.raises(FileNotFoundError, match=message):
+        load_task(small(task, dir=str(tmp_path)))
+
+
+def test_empty_sequences_are_refused_naming_split_and_example() -> None:
+    from sbm_transformer.data.common import check_sequences
+
+    good = SequenceData([[torch.tensor([1, 2])]], None)
+    bad = SequenceData([[torch.tensor([1, 2]), torch.zeros(0, dtype=torch.long)]], None)
+    check_sequences("lm", {"train": good})
+    with pytest.raises(ValueError, match="task lm: example 1 of the val split is an empty"):
+        check_sequences("lm", {"train": good, "val": bad})
+
+
+def test_load_task_reports_generation_progress() -> None:
+    for task in ("listops", "repeat", "retrieval", "lm"):
+        seen: list[tuple[int, int]] = []
+        load_task(small(task), lambda d, t, seen=seen: seen.append((d, t)))
+        assert seen and seen[-1] == (24, 24), task
 
 
 def test_listops_bad_header(tmp_path: Path) -> None:

@@ -33,18 +33,23 @@ from sbm_transformer.data.base import (
 )
 from sbm_transformer.data.common import (
     Progress,
+    check_dir,
+    check_sequences,
     check_writable,
     manifest_path,
     user_source,
     write_manifest,
 )
 
-Loader = Callable[[DataConfig], tuple[TaskInfo, dict[str, SequenceData]]]
+#: ``loader(cfg, progress)``; ``progress(done, total)`` is called as examples are generated or read.
+Loader = Callable[[DataConfig, Progress | None], tuple[TaskInfo, dict[str, SequenceData]]]
 Preparer = Callable[[DataConfig, Path, Progress | None, bool], list[Path]]
 
 
-def _load_retrieval(cfg: DataConfig) -> tuple[TaskInfo, dict[str, SequenceData]]:
-    return text.load_pairs(cfg) if user_source(cfg) else synthetic.load_match(cfg)
+def _load_retrieval(
+    cfg: DataConfig, progress: Progress | None = None
+) -> tuple[TaskInfo, dict[str, SequenceData]]:
+    return text.load_pairs(cfg) if user_source(cfg) else synthetic.load_match(cfg, progress)
 
 
 #: Task name -> ``loader(cfg) -> (TaskInfo, {"train", "val", "test": SequenceData})``.
@@ -59,13 +64,38 @@ TASKS: dict[str, Loader] = {
 }
 
 
-def load_task(cfg: DataConfig) -> tuple[TaskInfo, dict[str, SequenceData]]:
+#: Tasks whose data is always the user's (or a system package's): with ``data.dir`` set they
+#: need the manifest that ``prepare`` writes there.
+_SOURCE_TASKS = ("image", "text", "pathfinder")
+
+
+def load_task(
+    cfg: DataConfig, progress: Progress | None = None
+) -> tuple[TaskInfo, dict[str, SequenceData]]:
     """The task ``cfg.task``: its :class:`TaskInfo` and its ``train``, ``val``, ``test`` splits.
 
-    Generated tasks read the files that :func:`prepare` wrote when ``cfg.dir`` holds them, else
-    generate the data in memory from ``cfg.seed``. Raises ValueError for an unknown task.
+    Generated tasks read the files that :func:`prepare` wrote when ``cfg.dir`` is set, else
+    generate the data in memory from ``cfg.seed``; ``progress(done, total)`` is called as
+    examples are generated (or, for pathfinder, read).
+
+    Raises:
+        ValueError: unknown task; an empty sequence (naming the file and line, or the split and
+            example); malformed files (naming the file and line).
+        FileNotFoundError: ``cfg.dir`` is set but does not exist or holds no data for the task.
     """
-    return _loader(cfg.task)(cfg)
+    loader = _loader(cfg.task)
+    if cfg.dir:
+        check_dir(cfg.dir)
+        manifest = manifest_path(cfg.dir, cfg.task)
+        if cfg.task in _SOURCE_TASKS and not cfg.source and not manifest.is_file():
+            raise FileNotFoundError(
+                f"data.dir {cfg.dir} has no {manifest.name} for task {cfg.task!r}; write it "
+                f"with `sbmt data {cfg.task} --out {cfg.dir} --set data.source=PATH`, or set "
+                "data.source instead of data.dir"
+            )
+    info, splits = loader(cfg, progress)
+    check_sequences(info.name, splits)
+    return info, splits
 
 
 def _loader(task: str) -> Loader:
@@ -79,7 +109,8 @@ def _prepare_manifest(
 ) -> list[Path]:
     """Check a user-supplied source by loading it; record it in ``<task>.json``."""
     check_writable([manifest_path(out_dir, cfg.task)], overwrite)
-    info, splits = _loader(cfg.task)(cfg)
+    info, splits = _loader(cfg.task)(cfg, progress)
+    check_sequences(info.name, splits)
     if progress is not None:
         progress(sum(map(len, splits.values())), sum(map(len, splits.values())))
     return [write_manifest(out_dir, user_source(cfg), info, splits)]

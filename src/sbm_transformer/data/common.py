@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sized
 from pathlib import Path
 from typing import Any
 
@@ -102,21 +102,60 @@ def check_writable(paths: Iterable[Path], overwrite: bool) -> None:
             raise FileExistsError(f"{path} exists; pass overwrite=True (--overwrite) to replace it")
 
 
-def find_prepared(directory: str | None, names: Mapping[str, str]) -> dict[str, Path] | None:
-    """The prepared files ``names`` (split -> file name) in ``directory``.
+def find_prepared(
+    directory: str | None, names: Mapping[str, str], task: str = ""
+) -> dict[str, Path] | None:
+    """The prepared files ``names`` (split -> file name) in ``directory`` (``data.dir``).
 
-    Returns None when ``directory`` is unset or holds none of them; raises FileNotFoundError
-    when it holds only some.
+    Returns None when ``directory`` is unset (the caller then generates the data).
+
+    Raises:
+        FileNotFoundError: ``directory`` does not exist, or holds none or only some of the
+            files (a ``data.dir`` is never silently ignored).
     """
     if not directory:
         return None
+    check_dir(directory)
     paths = {split: Path(directory) / name for split, name in names.items()}
     missing = [str(p) for p in paths.values() if not p.is_file()]
     if len(missing) == len(paths):
-        return None
+        how = f"`sbmt data {task} --out {directory}`" if task else "`sbmt data TASK --out DIR`"
+        raise FileNotFoundError(
+            f"data.dir {directory} holds none of {', '.join(names.values())}; write them with "
+            f"{how}, or leave data.dir unset to generate the data in memory"
+        )
     if missing:
         raise FileNotFoundError(f"incomplete prepared data, missing: {', '.join(missing)}")
     return paths
+
+
+def check_dir(directory: str | Path) -> None:
+    """Raise FileNotFoundError naming ``data.dir`` unless it is an existing directory."""
+    if not Path(directory).is_dir():
+        what = "is not a directory" if Path(directory).exists() else "does not exist"
+        raise FileNotFoundError(f"data.dir {directory} {what}")
+
+
+def check_nonempty(path: str | Path, line: int, tokens: Sized, what: str = "sequence") -> None:
+    """A :func:`data_error` for an empty sequence read from ``path:line``."""
+    if len(tokens) == 0:
+        raise data_error(path, line, f"empty {what} (every example needs at least one token)")
+
+
+def check_sequences(task: str, splits: Mapping[str, SequenceData]) -> None:
+    """Raise ValueError naming the split and example of the first empty sequence.
+
+    An empty sequence has nothing to attend to; in a batch of them, the model would fail with an
+    error about tensor shapes.
+    """
+    for split, data in splits.items():
+        for seqs in data.sequences:
+            for i, tokens in enumerate(seqs):
+                if len(tokens) == 0:
+                    raise ValueError(
+                        f"task {task}: example {i} of the {split} split is an empty sequence "
+                        "(every example needs at least one token)"
+                    )
 
 
 def manifest_path(directory: str | Path, task: str) -> Path:

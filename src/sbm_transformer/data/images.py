@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from sbm_transformer.data.base import DataConfig, SequenceData, TaskInfo
-from sbm_transformer.data.common import make_info, truncate, user_source
+from sbm_transformer.data.common import Progress, make_info, truncate, user_source
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_FILES = {
@@ -226,7 +226,9 @@ def split_arrays(arrays: dict[str, Arrays], cfg: DataConfig) -> dict[str, Arrays
     }
 
 
-def load(cfg: DataConfig) -> tuple[TaskInfo, dict[str, SequenceData]]:
+def load(
+    cfg: DataConfig, progress: Progress | None = None
+) -> tuple[TaskInfo, dict[str, SequenceData]]:
     """Fashion-MNIST, or CIFAR-10 when the source is a CIFAR-10 batches directory."""
     source = user_source(cfg)
     directory = Path(source) if source else FASHION_MNIST_DIR

@@ -36,6 +36,7 @@ from sbm_transformer.data.common import (
     SPLITS,
     Progress,
     ProgressCounter,
+    check_nonempty,
     check_writable,
     data_error,
     find_prepared,
@@ -309,7 +310,7 @@ def read_tsv(path: str | Path) -> tuple[list[Tensor], Tensor]:
 
     Raises:
         ValueError: ``path:line`` of a bad header, a line without exactly two tab-separated
-            fields, an unknown token or a target outside 0-9.
+            fields, an empty expression, an unknown token or a target outside 0-9.
     """
     path = Path(path)
     sequences: list[Tensor] = []
@@ -326,6 +327,7 @@ def read_tsv(path: str | Path) -> tuple[list[Tensor], Tensor]:
             sequences.append(encode(fields[0].decode()))
         except (ValueError, UnicodeDecodeError) as e:
             raise data_error(path, number, str(e)) from None
+        check_nonempty(path, number, sequences[-1], "expression")
         targets.append(parse_int(path, number, fields[1], "target", range(NUM_CLASSES)))
     return sequences, torch.tensor(targets, dtype=torch.long)
 
@@ -334,16 +336,18 @@ def _to_data(sequences: Sequence[Tensor], targets: Tensor, max_len: int) -> Sequ
     return SequenceData([[truncate(s, max_len) for s in sequences]], targets)
 
 
-def load(cfg: DataConfig) -> tuple[TaskInfo, dict[str, SequenceData]]:
+def load(
+    cfg: DataConfig, progress: Progress | None = None
+) -> tuple[TaskInfo, dict[str, SequenceData]]:
     """ListOps from ``cfg.dir``'s ``basic_*.tsv`` files, else generated from ``cfg``."""
-    files = find_prepared(cfg.dir, FILES)
+    files = find_prepared(cfg.dir, FILES, "listops")
     splits: dict[str, SequenceData] = {}
     if files is not None:
         for split, path in files.items():
             splits[split] = _to_data(*read_tsv(path), cfg.max_len)
         origin = f"read from {cfg.dir}"
     else:
-        for split, examples in generate_splits(cfg).items():
+        for split, examples in generate_splits(cfg, progress).items():
             targets = torch.tensor([v for _, v in examples], dtype=torch.long)
             splits[split] = _to_data([encode(e) for e, _ in examples], targets, cfg.max_len)
         origin = f"generated, {cfg.min_length} < length < {cfg.max_length}, seed {cfg.seed}"

@@ -22,7 +22,15 @@ from matplotlib import image as mpimg
 from torch import Tensor
 
 from sbm_transformer.data.base import DataConfig, SequenceData, TaskInfo
-from sbm_transformer.data.common import data_error, make_info, read_lines, truncate, user_source
+from sbm_transformer.data.common import (
+    Progress,
+    ProgressCounter,
+    data_error,
+    make_info,
+    read_lines,
+    truncate,
+    user_source,
+)
 
 PIXEL_VOCAB = 257
 FRACTIONS = (0.8, 0.1)  # train, val; test is the rest
@@ -75,14 +83,21 @@ def _split(examples: list[Example], cfg: DataConfig) -> dict[str, list[Example]]
     return {s: part[:cap] if cap > 0 else part for s, (part, cap) in parts.items()}
 
 
-def load(cfg: DataConfig) -> tuple[TaskInfo, dict[str, SequenceData]]:
+def load(
+    cfg: DataConfig, progress: Progress | None = None
+) -> tuple[TaskInfo, dict[str, SequenceData]]:
     """Pathfinder from ``cfg.source`` (see the module docstring)."""
     source = user_source(cfg)
     if not source:
         raise ValueError("task 'pathfinder' needs data.source: a pathfinder32 difficulty directory")
     splits = {}
-    for split, examples in _split(read_metadata(source), cfg).items():
-        images = [truncate(read_image(path), cfg.max_len) for path, _ in examples]
+    chosen = _split(read_metadata(source), cfg)
+    counter = ProgressCounter(progress, sum(map(len, chosen.values())))
+    for split, examples in chosen.items():
+        images = []
+        for path, _ in examples:
+            images.append(truncate(read_image(path), cfg.max_len))
+            counter.advance()
         labels = torch.tensor([label for _, label in examples], dtype=torch.long)
         splits[split] = SequenceData([images], labels)
     return make_info(

@@ -129,9 +129,11 @@ def read_repeat(path: Path) -> SequenceData:
     return SequenceData([sequences], labels)
 
 
-def load_repeat(cfg: DataConfig) -> tuple[TaskInfo, dict[str, SequenceData]]:
+def load_repeat(
+    cfg: DataConfig, progress: Progress | None = None
+) -> tuple[TaskInfo, dict[str, SequenceData]]:
     """The repeated-tokens task from ``cfg.dir``'s ``repeat_*.tsv``, else generated."""
-    return _load(cfg, "repeat", _repeat_splits, read_repeat, _repeat_info)
+    return _load(cfg, "repeat", _repeat_splits, read_repeat, _repeat_info, progress)
 
 
 def _repeat_splits(cfg: DataConfig, progress: Progress | None) -> dict[str, SequenceData]:
@@ -241,9 +243,11 @@ def read_match(path: Path) -> SequenceData:
     return SequenceData([firsts, seconds], torch.tensor(labels, dtype=torch.long))
 
 
-def load_match(cfg: DataConfig) -> tuple[TaskInfo, dict[str, SequenceData]]:
+def load_match(
+    cfg: DataConfig, progress: Progress | None = None
+) -> tuple[TaskInfo, dict[str, SequenceData]]:
     """The synthetic matching task from ``cfg.dir``'s ``retrieval_*.tsv``, else generated."""
-    return _load(cfg, "retrieval", _match_splits, read_match, _match_info)
+    return _load(cfg, "retrieval", _match_splits, read_match, _match_info, progress)
 
 
 def _match_splits(cfg: DataConfig, progress: Progress | None) -> dict[str, SequenceData]:
@@ -316,10 +320,11 @@ def _load(
     generate: Callable[[DataConfig, Progress | None], dict[str, SequenceData]],
     read: Callable[[Path], SequenceData],
     info: Callable[[DataConfig, int, dict[str, SequenceData]], TaskInfo],
+    progress: Progress | None,
 ) -> tuple[TaskInfo, dict[str, SequenceData]]:
-    files = find_prepared(cfg.dir, _files(task))
+    files = find_prepared(cfg.dir, _files(task), task)
     if files is None:
-        splits = generate(cfg, None)
+        splits = generate(cfg, progress)
     else:
         splits = {split: read(path) for split, path in files.items()}
     task_info = info(cfg, max(cfg.vocab, _top_id(splits)) + 1, splits)

@@ -139,7 +139,9 @@ def _text_max_len(cfg: DataConfig) -> int:
     return cfg.max_len or TEXT_MAX_LEN
 
 
-def load_text(cfg: DataConfig) -> tuple[TaskInfo, dict[str, SequenceData]]:
+def load_text(
+    cfg: DataConfig, progress: Progress | None = None
+) -> tuple[TaskInfo, dict[str, SequenceData]]:
     """Byte-level text classification from ``cfg.source``'s split files."""
     source = _require_source(cfg)
     read = {s: read_text_file(p, _text_max_len(cfg)) for s, p in split_files(source).items()}
@@ -190,7 +192,9 @@ def _read_documents(path: Path) -> list[bytes]:
     return [line for _, line in read_lines(path)]
 
 
-def load_lm(cfg: DataConfig) -> tuple[TaskInfo, dict[str, SequenceData]]:
+def load_lm(
+    cfg: DataConfig, progress: Progress | None = None
+) -> tuple[TaskInfo, dict[str, SequenceData]]:
     """Byte-level lm over ``cfg.source`` (a text file), else over ListOps expressions."""
     source = user_source(cfg)
     length = cfg.max_len or cfg.max_length
@@ -198,9 +202,9 @@ def load_lm(cfg: DataConfig) -> tuple[TaskInfo, dict[str, SequenceData]]:
         splits = _lm_file_splits(Path(source), length)
         origin = f"{source}, {length}-byte pieces"
     else:
-        files = find_prepared(cfg.dir, LM_FILES)
+        files = find_prepared(cfg.dir, LM_FILES, "lm")
         documents = (
-            listops_documents(cfg)
+            listops_documents(cfg, progress)
             if files is None
             else {s: _read_documents(p) for s, p in files.items()}
         )
