@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import csv
+import errno
 import json
+import os
+import signal
 
 import pytest
 import torch
@@ -29,12 +32,11 @@ def config(attention: str = "sbm", extra: list[str] | None = None):
     return apply_overrides(cfg, SMALL + (extra or []))
 
 
-def metric_rows(run_dir) -> list[dict[str, str]]:
+def metric_rows(run_dir, *, lr: bool = False) -> list[dict[str, str]]:
+    """metrics.csv without its timing columns (and without ``lr`` unless asked)."""
+    keys = ("step", "split", "loss", "accuracy", "density") + (("lr",) if lr else ())
     with open(run_dir / "metrics.csv", newline="") as f:
-        return [
-            {k: r[k] for k in ("step", "split", "loss", "accuracy", "density")}
-            for r in csv.DictReader(f)
-        ]
+        return [{k: r[k] for k in keys} for r in csv.DictReader(f)]
 
 
 def test_run_directory_contents(tmp_path) -> None:
@@ -75,31 +77,100 @@ def test_run_directory_contents(tmp_path) -> None:
     assert step == 12 and "model" in state and "optimizer" in state
 
 
-def test_resume_after_interrupt_matches_an_uninterrupted_run(tmp_path, monkeypatch) -> None:
-    cfg = config()
-    full = train(cfg, tmp_path / "full", quiet=True, echo=lambda s: None)
+def final_state(run_dir) -> dict[str, torch.Tensor]:
+    """The model and optimizer tensors of a run's last checkpoint, by name."""
+    state, _ = load_checkpoint(run_dir / "checkpoints", "last")
+    tensors = {f"model.{k}": v for k, v in state["model"].items()}
+    for i, moments in state["optimizer"]["state"].items():
+        tensors.update({f"optimizer.{i}.{k}": v for k, v in moments.items()})
+    return tensors
+
+
+def assert_same_run(a, b) -> None:
+    """Bit-identical final weights and optimizer state; equal metrics but for timing columns."""
+    wa, wb = final_state(a), final_state(b)
+    assert wa.keys() == wb.keys()
+    assert all(torch.equal(wa[k], wb[k]) for k in wa), [
+        k for k in wa if not torch.equal(wa[k], wb[k])
+    ]
+    assert metric_rows(a, lr=True) == metric_rows(b, lr=True)
+    assert (a / "density.csv").read_text() == (b / "density.csv").read_text()
+
+
+def interrupt_at(monkeypatch, calls_to_interrupt: dict[int, int]) -> None:
+    """Send this process SIGINT (``count`` times) from ``make_batch`` call number ``n``."""
     calls = {"n": 0}
     real = training.make_batch
 
     def interrupting(*args, **kwargs):
         calls["n"] += 1
-        # call 1: the warm-up step; 2-5: steps 1-4; 6-7: evaluation at step 4; 8: step 5;
-        # 9: step 6 -> stop after step 5, between two log lines (log_every=2), so the unlogged
-        # window must be restored
-        if calls["n"] == 9:
-            raise KeyboardInterrupt
+        for _ in range(calls_to_interrupt.get(calls["n"], 0)):
+            os.kill(os.getpid(), signal.SIGINT)
         return real(*args, **kwargs)
 
     monkeypatch.setattr(training, "make_batch", interrupting)
+
+
+def exact_config():
+    """config() with the thread count fixed (to the current one), so that runs compared bit for
+    bit split their parallel reductions alike."""
+    return config(extra=[f"train.threads={torch.get_num_threads()}"])
+
+
+# make_batch calls with config(): 1 the warm-up step; 2-5 steps 1-4; 6-7 the evaluation at step 4
+# (32 val examples, batches of 16); 8 step 5; 9 step 6; ...
+
+
+def test_ctrl_c_stops_at_a_step_boundary_and_resume_is_exact(tmp_path, monkeypatch) -> None:
+    cfg = exact_config()
+    full = train(cfg, tmp_path / "full", quiet=True, echo=lambda s: None)
+    # Ctrl-C while step 5 runs: the step is finished and saved, between two log lines
+    # (log_every=2), so the unlogged metrics window must be saved and restored too
+    interrupt_at(monkeypatch, {8: 1})
+    said: list[str] = []
     with pytest.raises(KeyboardInterrupt):
-        train(cfg, tmp_path / "cut", quiet=True, echo=lambda s: None)
-    monkeypatch.setattr(training, "make_batch", real)
+        train(cfg, tmp_path / "cut", quiet=True, echo=said.append)
+    monkeypatch.undo()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
     _, step = load_checkpoint(tmp_path / "cut" / "checkpoints", "last")
     assert step == 5
+    assert (
+        f"saved a checkpoint at step 5; continue with: sbmt train --resume {tmp_path / 'cut'}"
+        in said[-1]
+    )
     resumed = train(cfg, tmp_path / "cut", resume=True, quiet=True, echo=lambda s: None)
-    assert metric_rows(tmp_path / "cut") == metric_rows(tmp_path / "full")
+    assert_same_run(tmp_path / "cut", tmp_path / "full")
     assert resumed["test_accuracy"] == full["test_accuracy"]
     assert resumed["test_density"] == full["test_density"]
+
+
+def test_ctrl_c_during_evaluation_keeps_its_row_and_checkpoints(tmp_path, monkeypatch) -> None:
+    cfg = exact_config()
+    train(cfg, tmp_path / "full", quiet=True, echo=lambda s: None)
+    interrupt_at(monkeypatch, {6: 1})  # in the evaluation at step 4
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, tmp_path / "cut", quiet=True, echo=lambda s: None)
+    monkeypatch.undo()
+    assert load_checkpoint(tmp_path / "cut" / "checkpoints", "last")[1] == 4
+    assert load_checkpoint(tmp_path / "cut" / "checkpoints", "best")[1] == 4
+    assert {"step": "4", "split": "val"}.items() <= metric_rows(tmp_path / "cut")[-1].items()
+    train(cfg, tmp_path / "cut", resume=True, quiet=True, echo=lambda s: None)
+    assert_same_run(tmp_path / "cut", tmp_path / "full")
+
+
+def test_second_ctrl_c_stops_at_once_without_saving(tmp_path, monkeypatch) -> None:
+    cfg = exact_config()
+    train(cfg, tmp_path / "full", quiet=True, echo=lambda s: None)
+    interrupt_at(monkeypatch, {8: 2})  # twice in step 5: stop in the middle of it
+    said: list[str] = []
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, tmp_path / "cut", quiet=True, echo=said.append)
+    monkeypatch.undo()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert load_checkpoint(tmp_path / "cut" / "checkpoints", "last")[1] == 4  # the last good one
+    assert "interrupted again" in said[-1] and "the last checkpoint (step 4) is kept" in said[-1]
+    train(cfg, tmp_path / "cut", resume=True, quiet=True, echo=lambda s: None)
+    assert_same_run(tmp_path / "cut", tmp_path / "full")
 
 
 def test_run_directory_protection(tmp_path) -> None:
@@ -285,3 +356,197 @@ def test_sparsity_weight_schedule() -> None:
     delayed = TrainConfig(sparsity_weight=0.1, sparsity_start=10, sparsity_ramp=4)
     weights = [sparsity_weight_at(delayed, s) for s in (0, 9, 10, 11, 13, 100)]
     assert weights == pytest.approx([0.0, 0.0, 0.025, 0.05, 0.1, 0.1])
+
+
+def test_resume_without_a_last_checkpoint_is_an_error(tmp_path) -> None:
+    run = tmp_path / "run"
+    train(config("softmax"), run, quiet=True, echo=lambda s: None)
+    (run / "checkpoints" / "last.json").unlink()
+    metrics = (run / "metrics.csv").read_text()
+    with pytest.raises(RunDirError) as info:
+        train(config("softmax"), run, resume=True, quiet=True, echo=lambda s: None)
+    message = str(info.value)
+    assert "no last checkpoint (checkpoints/last.json)" in message
+    assert "a best checkpoint at step" in message and "metrics up to step 12" in message
+    assert f"--run-dir {run} --overwrite" in message
+    assert (run / "metrics.csv").read_text() == metrics  # nothing discarded
+
+
+def test_resume_with_fewer_steps_than_the_checkpoint_is_an_error(tmp_path) -> None:
+    run = tmp_path / "run"
+    train(config("softmax"), run, quiet=True, echo=lambda s: None)
+    with pytest.raises(RunDirError, match=r"train\.steps=8: its last checkpoint is at step 12"):
+        train(config("softmax", ["train.steps=8"]), run, resume=True, echo=lambda s: None)
+
+
+def test_longer_resume_recomputes_the_schedule_and_says_so(tmp_path) -> None:
+    run = tmp_path / "run"
+    train(config("softmax"), run, quiet=True, echo=lambda s: None)
+    said: list[str] = []
+    train(config("softmax", ["train.steps=20"]), run, resume=True, quiet=True, echo=said.append)
+    message = next(s for s in said if "train.steps changed" in s)
+    assert "changed from 12 to 20: the learning-rate schedule is recomputed for 20 steps" in message
+    assert "the 12-step schedule was at 0" in message
+    rows = metric_rows(run, lr=True)
+    lrs = {int(r["step"]): float(r["lr"]) for r in rows if r["split"] == "train"}
+    lr = config().train.lr
+    assert lrs[12] == 0.0  # the first 12 steps decayed to 0 ...
+    assert lrs[14] == pytest.approx(lr * (20 - 14) / (20 - 2), rel=1e-5)  # ... then the new one
+    assert lrs[20] == 0.0
+
+
+def test_reschedule_sets_the_next_rate_from_the_new_schedule() -> None:
+    params = [torch.nn.Parameter(torch.zeros(1))]
+    old = torch.optim.AdamW(params, lr=1.0)
+    old_schedule = torch.optim.lr_scheduler.LambdaLR(old, training.lr_lambda(2, 10))
+    for _ in range(10):
+        old.step()
+        old_schedule.step()
+    new = torch.optim.AdamW(params, lr=1.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(new, training.lr_lambda(2, 20))
+    new.load_state_dict(old.state_dict())
+    schedule.load_state_dict(old_schedule.state_dict())
+    assert new.param_groups[0]["lr"] == 0.0  # what LambdaLR alone would use for step 11
+    t = config().train
+    t.warmup, t.steps = 2, 20
+    training._reschedule(new, schedule, t, 10)
+    rates = []
+    for _ in range(10):
+        rates.append(new.param_groups[0]["lr"])
+        new.step()
+        schedule.step()
+    assert rates == pytest.approx([(20 - s) / 18 for s in range(10, 20)])
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["train.log_every=0"], "train.log_every must be >= 1, got 0"),
+        (["train.eval_every=0"], "train.eval_every must be >= 1, got 0"),
+        (["train.batch_size=0"], "train.batch_size must be >= 1, got 0"),
+        (["train.batch_size=15", "train.grad_accum=2"], "must be a multiple of train.grad_accum"),
+        (["train.batch_size=200"], "the training split has 96 examples, fewer than"),
+        (["data.val_size=0"], "the val split is empty"),
+        (["data.dir=/nonexistent/data"], "data.dir /nonexistent/data does not exist"),
+        (["model.attention=flash"], "unknown model.attention 'flash'"),
+    ],
+)
+def test_user_errors_are_one_line_and_leave_no_run_directory(
+    tmp_path, capsys, extra: list[str], message: str
+) -> None:
+    run = tmp_path / "run"
+    argv = ["train", "--task", "repeat", "--attention", "softmax", "--run-dir", str(run)]
+    assert main([*argv, "--quiet", "--set", *SMALL, *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("sbmt train: error: ") and message in err and err.count("\n") == 1
+    assert not run.exists()  # the corrected command is not blocked by a half-made run
+
+
+def test_full_disk_is_one_line_and_keeps_the_previous_checkpoint(
+    tmp_path, capsys, monkeypatch
+) -> None:
+    from sbm_transformer import checkpoint
+
+    real, calls = checkpoint.save_file, {"n": 0}
+
+    def fills_up(*args, **kwargs):  # the checkpoints at step 4 fit, then the disk is full
+        calls["n"] += 1
+        if calls["n"] > 2:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "save_file", fills_up)
+    run = tmp_path / "run"
+    argv = ["train", "--task", "repeat", "--attention", "softmax", "--run-dir", str(run)]
+    assert main([*argv, "--quiet", "--set", *SMALL]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("sbmt train: error: cannot write checkpoint")
+    assert f"(step 8) in {run / 'checkpoints'}: No space left on device" in err
+    assert load_checkpoint(run / "checkpoints", "last")[1] == 4
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
+        "best-00000004.safetensors",
+        "best.json",
+        "last-00000004.safetensors",
+        "last.json",
+    ]
+
+
+def test_unwritable_run_directory_is_one_line(tmp_path, capsys) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    argv = ["train", "--task", "repeat", "--attention", "softmax", "--run-dir", str(blocker / "r")]
+    assert main([*argv, "--quiet", "--set", *SMALL]) == 2
+    err = capsys.readouterr().err
+    assert err == f"sbmt train: error: {blocker / 'r'}: Not a directory\n"
+
+
+def test_compare_plan_skips_resumes_and_starts(tmp_path) -> None:
+    from sbm_transformer.cli import plan_comparison_run
+
+    cfg = config("softmax")
+
+    def run_dir(name: str, *files: str, cfg_text: str | None = None):
+        path = tmp_path / name
+        (path / "checkpoints").mkdir(parents=True)
+        (path / "config.yaml").write_text(cfg_text or cfg.to_yaml())
+        for f in files:
+            content = {"summary.json": "{}", "checkpoints/last.json": '{"step": 7}'}.get(f, "")
+            (path / f).write_text(content)
+        return path
+
+    def plan(path, resume=True, overwrite=False):
+        return plan_comparison_run("softmax", cfg, path, resume=resume, overwrite=overwrite)
+
+    assert plan(tmp_path / "missing").action == "start"
+    done = run_dir("done", "summary.json", "checkpoints/last.json")
+    assert (plan(done).action, plan(done).note) == ("skip", "finished, skipped")
+    cut = run_dir("cut", "checkpoints/last.json")
+    assert (plan(cut).action, plan(cut).note) == ("resume", "resuming from step 7")
+    longer = run_dir("longer", "summary.json", "checkpoints/last.json")
+    cfg.train.steps = 20  # a finished run trained further: resumed, not skipped
+    assert plan(longer).action == "resume"
+    cfg.train.steps = 12
+    assert plan(run_dir("early")).action == "restart"  # stopped before its first step
+    with_rows = run_dir("rows")
+    (with_rows / "metrics.csv").write_text("step,split,loss\n2,train,0.5\n")
+    with pytest.raises(RunDirError, match="has metrics but no last checkpoint"):
+        plan(with_rows)
+    other = run_dir("other", cfg_text=config("softmax", ["model.dim=32"]).to_yaml())
+    with pytest.raises(RunDirError, match=r"the softmax run .* \(model.dim differ\)"):
+        plan(other)
+    stranger = tmp_path / "stranger"
+    stranger.mkdir()
+    (stranger / "notes.txt").write_text("mine")
+    with pytest.raises(RunDirError, match="is not a run directory"):
+        plan(stranger)
+    with pytest.raises(RunDirError, match="exists; pass --resume to continue the comparison"):
+        plan(done, resume=False)
+    assert plan(done, resume=False, overwrite=True).action == "start"
+    with pytest.raises(RunDirError, match="exclude each other"):
+        plan(done, overwrite=True)
+
+
+def test_evaluation_and_data_generation_report_progress(tmp_path, capsys) -> None:
+    cfg = config()
+    seen: list[tuple[int, int]] = []
+    task, splits, model = training.build(cfg, torch.device("cpu"), lambda d, t: seen.append((d, t)))
+    assert seen[-1] == (160, 160)  # 96 + 32 + 32 examples generated
+    seen.clear()
+    training.evaluate(
+        model,
+        splits["val"],
+        task,
+        cfg,
+        torch.device("cpu"),
+        progress=lambda d, t: seen.append((d, t)),
+    )
+    assert seen == [(1, 2), (2, 2)]
+    run = tmp_path / "run"
+    train(config("softmax"), run, quiet=True)
+    out = capsys.readouterr()
+    assert (
+        "data: 160 examples ..." in out.out and "final evaluation of the best checkpoint" in out.out
+    )
+    assert out.err == ""  # quiet: no progress bars
+    assert main(["eval", str(run)]) == 0
+    assert "eval test" in capsys.readouterr().err  # the bar over the test batches

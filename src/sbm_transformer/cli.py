@@ -4,7 +4,7 @@ sbmt demo                       SBM vs full attention on a task generated on the
 sbmt train --task T --attention A [--preset tiny|lra] [--config F] [--set k=v ...]
 sbmt train --resume RUN_DIR     continue a stopped run exactly
 sbmt eval RUN_DIR               re-evaluate a run's checkpoint
-sbmt compare --task T --attention sbm,softmax,linear,...
+sbmt compare --task T --attention sbm,softmax,linear,... [--resume]
 sbmt data TASK --out DIR        generate or prepare a task's data
 sbmt bench attention            speed and memory benchmark
 """
@@ -15,13 +15,28 @@ import argparse
 import csv
 import json
 import multiprocessing
+import os
+import signal
 import sys
+import threading
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sbm_transformer.checkpoint import CheckpointError
-from sbm_transformer.config import PRESETS, RunConfig, apply_overrides, load_yaml, preset
+from sbm_transformer.config import PRESETS, RunConfig, apply_overrides, load_yaml, preset, validate
+
+#: Errors a user can cause (bad options, configuration, data, run directories, checkpoints, a
+#: full disk or a read-only directory): reported as one line, ``sbmt <command>: error: ...``,
+#: exit code 2. Set SBMT_TRACEBACK=1 to see the traceback instead.
+USER_ERRORS = (ValueError, OSError)
+
+
+def error_message(err: BaseException) -> str:
+    """One line for a user error; an OSError with a file names the file and the reason."""
+    if isinstance(err, OSError) and err.strerror and err.filename:
+        return f"{err.filename}: {err.strerror}"
+    return (str(err) or type(err).__name__).replace("\n", " ")
 
 
 def _config_from_args(args: argparse.Namespace, attention: str) -> RunConfig:
@@ -85,6 +100,7 @@ def cmd_train(argv: Sequence[str]) -> int:
     names = [n.strip() for n in a.attention.split(",") if n.strip()]
     _check_task_and_attention(a.task, names)
     if len(names) > 1:
+        a.resume = False
         return _compare(a, names)
     cfg = _config_from_args(a, names[0])
     run_dir = Path(a.run_dir or f"runs/{a.task}-{names[0]}")
@@ -100,22 +116,135 @@ def cmd_compare(argv: Sequence[str]) -> int:
     p.add_argument(
         "--out", help="directory for the runs and the table (default runs/compare-<task>)"
     )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted comparison: skip finished runs, resume interrupted ones, "
+        "start the missing ones",
+    )
     a = p.parse_args(argv)
     names = [n.strip() for n in a.attention.split(",") if n.strip()]
     _check_task_and_attention(a.task, names)
     return _compare(a, names)
 
 
+@dataclass
+class PlannedRun:
+    """What ``sbmt compare`` does with one attention's run directory."""
+
+    name: str
+    cfg: RunConfig
+    run_dir: Path
+    action: str  # "start", "skip", "resume" or "restart"
+    note: str = ""
+
+
+def plan_comparison_run(
+    name: str, cfg: RunConfig, run_dir: Path, *, resume: bool, overwrite: bool
+) -> PlannedRun:
+    """Decide, before anything is trained, what to do with ``run_dir`` (one run of a comparison).
+
+    Without ``resume``, an existing run is an error unless ``overwrite``. With ``resume``: a
+    finished run (``summary.json``, the same configuration) is skipped, an interrupted one
+    resumed from its last checkpoint (``train.steps`` may differ, to train longer), a missing
+    one started, and one that stopped before its first step started over.
+
+    Raises:
+        RunDirError: the directory is not a run, its configuration differs, or it cannot be
+            resumed; the message names the attention.
+    """
+    from sbm_transformer.training import (
+        RunDirError,
+        checkpoint_step,
+        config_differences,
+        load_run_config,
+        metric_rows,
+    )
+
+    if resume and overwrite:
+        raise RunDirError("--resume and --overwrite exclude each other")
+    if not (run_dir.exists() and any(run_dir.iterdir())):
+        return PlannedRun(name, cfg, run_dir, "start")
+    if not resume:
+        if overwrite:
+            return PlannedRun(name, cfg, run_dir, "start", "replacing the old run")
+        raise RunDirError(
+            f"the {name} run: {run_dir} exists; pass --resume to continue the comparison "
+            "(finished runs are skipped) or --overwrite to retrain every run"
+        )
+    if not (run_dir / "config.yaml").exists():
+        raise RunDirError(
+            f"the {name} run: {run_dir} is not a run directory (no config.yaml); move it away"
+        )
+    try:
+        saved = load_run_config(run_dir)
+    except ValueError as err:
+        raise RunDirError(f"the {name} run: {err}") from err
+    changed = config_differences(saved, cfg)
+    if changed - {"train.steps"}:
+        raise RunDirError(
+            f"the {name} run in {run_dir} has a different configuration "
+            f"({', '.join(sorted(changed - {'train.steps'}))} differ); only train.steps may "
+            "change on --resume; use --overwrite to retrain every run, or another --out"
+        )
+    step = checkpoint_step(run_dir / "checkpoints", "last")
+    if (run_dir / "summary.json").exists() and not changed:
+        return PlannedRun(name, cfg, run_dir, "skip", "finished, skipped")
+    if step is not None:
+        return PlannedRun(name, cfg, run_dir, "resume", f"resuming from step {step}")
+    trained = metric_rows(run_dir / "metrics.csv") or (
+        checkpoint_step(run_dir / "checkpoints", "best") is not None
+    )
+    if not trained:
+        return PlannedRun(name, cfg, run_dir, "restart", "starting over: stopped before step 1")
+    raise RunDirError(
+        f"the {name} run in {run_dir} has metrics but no last checkpoint "
+        "(checkpoints/last.json), so it cannot be resumed; use --overwrite to retrain every run"
+    )
+
+
 def _compare(a: argparse.Namespace, names: list[str], title: str | None = None) -> int:
     from sbm_transformer.plots import plot_comparison
 
     out = Path(getattr(a, "out", None) or getattr(a, "run_dir", None) or f"runs/compare-{a.task}")
+    resume = bool(getattr(a, "resume", False))
+    plans = []
+    for name in names:  # every configuration and directory checked before anything is trained
+        cfg = validate(_config_from_args(a, name))
+        plans.append(
+            plan_comparison_run(name, cfg, out / name, resume=resume, overwrite=a.overwrite)
+        )
+    if resume:
+        print("compare --resume: " + "; ".join(f"{p.name} {p.note or 'starting'}" for p in plans))
     out.mkdir(parents=True, exist_ok=True)
+    hint = f"sbmt compare (the same options) --out {out} --resume"
     rows = []
-    for name in names:
-        print(f"\n=== {a.task}: {name} attention ===", flush=True)
-        cfg = _config_from_args(a, name)
-        rows.append(_train_in_own_process(cfg, out / name, overwrite=a.overwrite, quiet=a.quiet))
+    for i, plan in enumerate(plans):
+        note = f" ({plan.note})" if plan.note else ""
+        print(f"\n=== {a.task}: {plan.name} attention{note} ===", flush=True)
+        if plan.action == "skip":
+            rows.append(json.loads((plan.run_dir / "summary.json").read_text()))
+            continue
+        try:
+            rows.append(
+                _train_in_own_process(
+                    plan.cfg,
+                    plan.run_dir,
+                    overwrite=a.overwrite or plan.action == "restart",
+                    resume=plan.action == "resume",
+                    quiet=a.quiet,
+                    resume_hint=hint,
+                )
+            )
+        except KeyboardInterrupt:
+            done = ", ".join(p.name for p in plans[:i])
+            print(
+                f"\ncomparison interrupted in the {plan.name} run"
+                + (f" (finished: {done})" if done else "")
+                + f"; continue with: {hint}",
+                flush=True,
+            )
+            raise
     table = comparison_table(rows)
     (out / "comparison.md").write_text(table + "\n")
     with open(out / "comparison.csv", "w", newline="") as f:
@@ -140,24 +269,48 @@ def _compare(a: argparse.Namespace, names: list[str], title: str | None = None) 
 
 
 def _train_in_own_process(
-    cfg: RunConfig, run_dir: Path, *, overwrite: bool, quiet: bool
+    cfg: RunConfig,
+    run_dir: Path,
+    *,
+    overwrite: bool,
+    quiet: bool,
+    resume: bool = False,
+    resume_hint: str | None = None,
 ) -> dict[str, Any]:
     """Train one run of a comparison in a fresh process and return its summary.
 
     Every run then pays the same one-off costs, and its peak memory is its own: a process's
     resident set does not shrink back after a run, so a later run in the same process would
     reuse memory an earlier one freed and appear to need none.
+
+    Ctrl-C in a terminal reaches both processes. The child handles it (it finishes its step,
+    saves a checkpoint and exits with 130; a second Ctrl-C stops it at once); this process
+    waits for it, then raises KeyboardInterrupt. A third Ctrl-C terminates the child.
     """
     proc = multiprocessing.get_context("spawn").Process(
-        target=_train_child, args=(cfg, str(run_dir), overwrite, quiet)
+        target=_train_child, args=(cfg, str(run_dir), overwrite, resume, quiet, resume_hint)
     )
-    proc.start()
+    interrupts = 0
+
+    def on_sigint(signum: int, frame: Any) -> None:
+        nonlocal interrupts
+        interrupts += 1
+        if interrupts >= 3:
+            raise KeyboardInterrupt
+
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, on_sigint) if main_thread else None
     try:
+        proc.start()
         proc.join()
     except KeyboardInterrupt:
-        proc.join()  # the child got the signal too: let it save its checkpoint
+        proc.terminate()
+        proc.join()
         raise
-    if proc.exitcode == 130:
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGINT, previous or signal.default_int_handler)
+    if proc.exitcode == 130 or (interrupts and proc.exitcode != 0):
         raise KeyboardInterrupt
     if proc.exitcode != 0:
         raise ChildProcessError(
@@ -165,17 +318,35 @@ def _train_in_own_process(
             "its message is above"
         )
     summary: dict[str, Any] = json.loads((run_dir / "summary.json").read_text())
+    if interrupts:  # the run ended before the signal reached its loop: stop after it
+        raise KeyboardInterrupt
     return summary
 
 
-def _train_child(cfg: RunConfig, run_dir: str, overwrite: bool, quiet: bool) -> None:
+def _train_child(
+    cfg: RunConfig,
+    run_dir: str,
+    overwrite: bool,
+    resume: bool,
+    quiet: bool,
+    resume_hint: str | None,
+) -> None:
     """Body of :func:`_train_in_own_process` (exit codes as :func:`main`)."""
     from sbm_transformer.training import train
 
     try:
-        train(cfg, Path(run_dir), overwrite=overwrite, quiet=quiet)
-    except (ValueError, FileExistsError, FileNotFoundError, CheckpointError) as err:
-        print(f"sbmt: error: {err}", file=sys.stderr)
+        train(
+            cfg,
+            Path(run_dir),
+            overwrite=overwrite,
+            resume=resume,
+            quiet=quiet,
+            resume_hint=resume_hint,
+        )
+    except USER_ERRORS as err:
+        if os.environ.get("SBMT_TRACEBACK"):
+            raise
+        print(f"sbmt: error: {error_message(err)}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         sys.exit(130)
@@ -219,8 +390,11 @@ def cmd_eval(argv: Sequence[str]) -> int:
     p.add_argument("--split", default="test", choices=["train", "val", "test"])
     p.add_argument("--checkpoint", default="best", choices=["best", "last"])
     p.add_argument("--eval-samples", type=int, help="graphs averaged per prediction")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     a = p.parse_args(argv)
-    evaluate_run(a.run_dir, split=a.split, checkpoint=a.checkpoint, samples=a.eval_samples)
+    evaluate_run(
+        a.run_dir, split=a.split, checkpoint=a.checkpoint, samples=a.eval_samples, quiet=a.quiet
+    )
     return 0
 
 
@@ -308,14 +482,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return COMMANDS[argv[0]](argv[1:])
-    except (
-        ValueError,
-        FileExistsError,
-        FileNotFoundError,
-        CheckpointError,
-        ChildProcessError,
-    ) as err:
-        print(f"sbmt {argv[0]}: error: {err}", file=sys.stderr)
+    except USER_ERRORS as err:
+        if os.environ.get("SBMT_TRACEBACK"):
+            raise
+        print(f"sbmt {argv[0]}: error: {error_message(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
@@ -325,4 +495,4 @@ if __name__ == "__main__":
     sys.exit(main())
 
 
-__all__ = ["COMMANDS", "comparison_table", "main"]
+__all__ = ["COMMANDS", "USER_ERRORS", "comparison_table", "error_message", "main"]

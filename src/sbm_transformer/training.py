@@ -23,10 +23,12 @@ import os
 import platform
 import random
 import shutil
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import nullcontext
-from dataclasses import dataclass
+from contextlib import nullcontext, suppress
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,11 +39,12 @@ from torch import Tensor, nn
 from sbm_transformer._memory import PeakMemory
 from sbm_transformer.checkpoint import (
     CheckpointError,
+    atomic_write_text,
     load_checkpoint,
     load_model_state,
     save_checkpoint,
 )
-from sbm_transformer.config import RunConfig, TrainConfig, from_dict
+from sbm_transformer.config import RunConfig, TrainConfig, from_dict, validate
 from sbm_transformer.data import load_task
 from sbm_transformer.data.base import IGNORE_INDEX, Batch, SequenceData, TaskInfo, collate_fn
 from sbm_transformer.models import ModelOutput, build_model, is_stochastic, set_sampling_seed
@@ -188,12 +191,14 @@ def evaluate(
     samples: int | None = None,
     max_batches: int | None = None,
     autocast: Callable[[], Any] = nullcontext,
+    progress: Callable[[int, int], None] | None = None,
 ) -> EvalResult:
     """Loss and accuracy of ``model`` on ``data``.
 
     Stochastic attentions sample graphs with fixed seeds (``train.eval_seed``), so the same
     checkpoint always gets the same score; with ``samples`` > 1 the predicted probabilities are
-    averaged over that many graphs per input.
+    averaged over that many graphs per input. ``progress(done, total)`` is called after each
+    batch.
     """
     samples = cfg.train.eval_samples if samples is None else samples
     if samples < 1:
@@ -229,6 +234,8 @@ def evaluate(
         total_loss += float(nll.sum())
         total_correct += float((flat.argmax(-1)[valid] == labels[valid]).sum())
         total_count += float(valid.sum())
+        if progress is not None:
+            progress(bi + 1, len(batches))
     set_sampling_seed(model, None)
     model.train(was_training)
     per = torch.stack(densities).mean(0) if densities else None  # (layers, H)
@@ -271,13 +278,21 @@ def warm_up(
     set_rng_state(state)
 
 
-def prepare_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
+def check_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
+    """Raise RunDirError unless ``run_dir`` can be used as asked; changes nothing on disk."""
     if resume and overwrite:
         raise RunDirError("--resume and --overwrite exclude each other")
     if resume:
         if not (run_dir / "config.yaml").exists():
+            runs = sorted(p.parent.name for p in run_dir.glob("*/config.yaml"))
+            hint = (
+                f"; it holds the runs {', '.join(runs)} of a comparison: continue it with "
+                f"sbmt compare ... --out {run_dir} --resume"
+                if runs
+                else ""
+            )
             raise RunDirError(
-                f"cannot resume {run_dir}: it has no config.yaml (not a run directory)"
+                f"cannot resume {run_dir}: it has no config.yaml (not a run directory){hint}"
             )
         return
     if run_dir.exists() and any(run_dir.iterdir()):
@@ -290,8 +305,103 @@ def prepare_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
             raise RunDirError(
                 f"refusing to overwrite {run_dir}: it is not a run directory (no config.yaml)"
             )
+
+
+def create_run_dir(run_dir: Path, *, overwrite: bool) -> None:
+    """Make ``run_dir`` (after :func:`check_run_dir`), replacing an old run when ``overwrite``."""
+    if overwrite and run_dir.exists() and any(run_dir.iterdir()):
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+
+
+def checkpoint_step(ckpt_dir: Path, name: str) -> int | None:
+    """The step of checkpoint ``name`` in ``ckpt_dir`` from its index, None when unreadable."""
+    try:
+        return int(json.loads((ckpt_dir / f"{name}.json").read_text())["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _no_last_checkpoint(run_dir: Path, cfg: RunConfig) -> RunDirError:
+    """The error for ``--resume`` on a run without ``checkpoints/last.json``: what is there, and
+    how to start over (resuming from step 0 would silently discard its metrics)."""
+    found = []
+    best = checkpoint_step(run_dir / "checkpoints", "best")
+    if best is not None:
+        found.append(f"a best checkpoint at step {best} (sbmt eval {run_dir} evaluates it)")
+    steps = [int(r["step"]) for r in metric_rows(run_dir / "metrics.csv")]
+    if steps:
+        found.append(f"metrics up to step {max(steps)}")
+    what = "; it has " + " and ".join(found) if found else "; nothing was trained yet"
+    return RunDirError(
+        f"cannot resume {run_dir}: it has no last checkpoint (checkpoints/last.json){what}. "
+        f"To start over: sbmt train --task {cfg.data.task} --attention {cfg.model.attention} "
+        f"--config {run_dir / 'config.yaml'} --run-dir {run_dir} --overwrite"
+    )
+
+
+def metric_rows(path: Path) -> list[dict[str, str]]:
+    """Complete rows of a metrics.csv (a row cut short by a crash is dropped)."""
+    if not path.exists():
+        return []
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    complete = []
+    for row in rows:
+        try:
+            int(row["step"])
+        except (TypeError, ValueError, KeyError):
+            continue
+        if None not in row.values():
+            complete.append(row)
+    return complete
+
+
+class StopRequest:
+    """Ctrl-C as a request to stop at the next step boundary (a context manager).
+
+    While active (in the main thread, unless SIGINT is ignored), the first SIGINT only sets
+    :attr:`requested`: the training loop finishes the step in progress, with its log row,
+    evaluation and checkpoints when due, saves ``last`` and stops, so the checkpoint is one an
+    uninterrupted run passes through. A second SIGINT raises KeyboardInterrupt at once; nothing
+    is saved from the half-finished step. The previous handler is restored on exit.
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Any = None
+        self._installed = False
+
+    def __enter__(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            previous = signal.getsignal(signal.SIGINT)
+            if previous is not signal.SIG_IGN:
+                self._previous = previous
+                signal.signal(signal.SIGINT, self._handle)
+                self._installed = True
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._installed:
+            previous = self._previous if self._previous is not None else signal.default_int_handler
+            signal.signal(signal.SIGINT, previous)
+            self._installed = False
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        _notify(
+            "\nCtrl-C: stopping after the step in progress (with its evaluation if one is due) "
+            "and saving a checkpoint; press Ctrl-C again to stop at once without saving\n"
+        )
+
+
+def _notify(text: str) -> None:
+    # straight to file descriptor 2: print() from a signal handler can hit a stream the
+    # interrupted code is writing to ("reentrant call")
+    with suppress(OSError):
+        os.write(2, text.encode())
 
 
 class MetricLog:
@@ -307,9 +417,8 @@ class MetricLog:
             (self.density_path, ["step", "split", "layer", "head", "density"]),
         ):
             rows = []
-            if truncate_after is not None and path.exists():
-                with open(path, newline="") as f:
-                    rows = [r for r in csv.DictReader(f) if int(r["step"]) <= truncate_after]
+            if truncate_after is not None:
+                rows = [r for r in metric_rows(path) if int(r["step"]) <= truncate_after]
             with open(path, "w", newline="") as f:
                 w = csv.DictWriter(f, fieldnames=header)
                 w.writeheader()
@@ -353,14 +462,146 @@ def count_parameters(model: nn.Module) -> int:
 
 
 def build(
-    cfg: RunConfig, device: torch.device
+    cfg: RunConfig,
+    device: torch.device,
+    progress: Callable[[int, int], None] | None = None,
 ) -> tuple[TaskInfo, dict[str, SequenceData], nn.Module]:
-    """Load the task and build its model (seeded)."""
-    task, splits = load_task(cfg.data)
+    """Load the task and build its model (seeded); ``progress(done, total)`` follows data
+    generation."""
+    task, splits = load_task(cfg.data, progress)
     seed_everything(cfg.train.seed)
     max_len = cfg.data.max_len or task.max_len
     model = build_model(task, cfg.model, max_len).to(device)
     return task, splits, model
+
+
+def check_splits(splits: dict[str, SequenceData], cfg: RunConfig) -> None:
+    """Raise ValueError unless the splits can train and evaluate with ``cfg``."""
+    for name in ("val", "test"):
+        if len(splits[name]) == 0:
+            raise ValueError(f"the {name} split is empty (data.{name}_size?)")
+    n, bs = len(splits["train"]), cfg.train.batch_size
+    if n < bs:
+        raise ValueError(f"the training split has {n} examples, fewer than train.batch_size={bs}")
+
+
+@dataclass
+class _Resume:
+    """What ``--resume`` continues from."""
+
+    state: dict[str, Any]
+    step: int
+    saved_steps: int  # train.steps of the saved configuration
+
+
+def _load_resume(run_dir: Path, cfg: RunConfig) -> _Resume:
+    saved = load_run_config(run_dir)
+    changed = config_differences(saved, cfg) - {"train.steps"}
+    if changed:
+        raise RunDirError(
+            f"cannot resume {run_dir} with a different configuration "
+            f"({', '.join(sorted(changed))} differ); only train.steps may change"
+        )
+    ckpt_dir = run_dir / "checkpoints"
+    if not (ckpt_dir / "last.json").exists():
+        raise _no_last_checkpoint(run_dir, saved)
+    state, step = load_checkpoint(ckpt_dir, "last")
+    if step > cfg.train.steps:
+        raise RunDirError(
+            f"cannot resume {run_dir} with train.steps={cfg.train.steps}: its last checkpoint is "
+            f"at step {step}"
+        )
+    return _Resume(state, step, saved.train.steps)
+
+
+def _new_window() -> dict[str, float]:
+    return {"loss": 0.0, "correct": 0.0, "count": 0.0, "density": 0.0, "n": 0}
+
+
+@dataclass
+class _Run:
+    """Everything a run's loop works on; :meth:`checkpoint` saves the resumable part."""
+
+    cfg: RunConfig
+    ckpt_dir: Path
+    device: torch.device
+    autocast: Callable[[], Any]
+    task: TaskInfo
+    splits: dict[str, SequenceData]
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler | None
+    memory: PeakMemory
+    step: int = 0
+    best: dict[str, float] = field(default_factory=lambda: {"accuracy": -math.inf, "step": -1})
+    elapsed_before: float = 0.0
+    # training metrics accumulated since the last log line (saved with checkpoints, so that a
+    # resumed run logs the same numbers as an uninterrupted one)
+    window: dict[str, float] = field(default_factory=_new_window)
+    last_saved: int | None = None  # step of the last "last" checkpoint written or loaded
+
+    def checkpoint(self, name: str, elapsed: float) -> None:
+        save_checkpoint(
+            self.ckpt_dir,
+            name,
+            {
+                "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "rng": rng_state(),
+                "best": self.best,
+                "elapsed": elapsed,
+                "window": self.window,
+            },
+            step=self.step,
+        )
+        if name == "last":
+            self.last_saved = self.step
+
+
+def _set_up(
+    cfg: RunConfig, run_dir: Path, resume: bool, quiet: bool, echo: Callable[[str], None]
+) -> tuple[_Run, _Resume | None]:
+    """Load the checkpoint to resume, the data and the model, and run one throwaway step:
+    everything that can fail on the user's input, before anything is written."""
+    t = cfg.train
+    ckpt_dir = run_dir / "checkpoints"
+    resumed = _load_resume(run_dir, cfg) if resume else None
+    if t.threads > 0:
+        torch.set_num_threads(t.threads)
+    device = resolve_device(t.device)
+    autocast, needs_scaler = autocast_context(t.amp, device)
+    data_bar = _TaskBar("data", "example", quiet, echo)
+    try:
+        task, splits, model = build(cfg, device, data_bar)
+    finally:
+        data_bar.close()
+    check_splits(splits, cfg)
+    warm_up(model, splits["train"], task.kind, device, autocast)
+    memory = PeakMemory(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+    run = _Run(
+        cfg, ckpt_dir, device, autocast, task, splits, model, optimizer,
+        torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(t.warmup, t.steps)),
+        torch.amp.GradScaler("cuda") if needs_scaler else None, memory,
+    )  # fmt: skip
+    if resumed is not None:
+        state = resumed.state
+        load_model_state(model, state["model"], str(ckpt_dir / "last.json"))
+        try:
+            optimizer.load_state_dict(state["optimizer"])
+            run.scheduler.load_state_dict(state["scheduler"])
+        except (KeyError, ValueError, RuntimeError) as err:
+            raise CheckpointError(
+                f"checkpoint {ckpt_dir / 'last.json'}: optimizer state does not fit: {err}"
+            ) from err
+        run.step = run.last_saved = resumed.step
+        run.best = state["best"]
+        run.elapsed_before = float(state.get("elapsed", 0.0))
+        run.window = dict(state["window"])
+        set_rng_state(state["rng"])
+    return run, resumed
 
 
 def train(
@@ -371,195 +612,269 @@ def train(
     overwrite: bool = False,
     quiet: bool = False,
     echo: Callable[[str], None] = print,
+    resume_hint: str | None = None,
 ) -> dict[str, Any]:
     """Train, evaluate and write a run directory; returns the summary (also ``summary.json``).
 
+    Everything that can be checked is checked before the run directory is created or changed:
+    the configuration (:func:`sbm_transformer.config.validate`), the directory, the checkpoint
+    to resume, the data and the model (one throwaway step). Ctrl-C stops at the next step
+    boundary with a checkpoint (see :class:`StopRequest`) and raises KeyboardInterrupt;
+    ``resume_hint`` is the command the message gives to continue (default
+    ``sbmt train --resume RUN_DIR``).
+
     Raises:
-        RunDirError: the directory exists (without ``resume``/``overwrite``) or is not a run.
-        CheckpointError: ``resume`` with a missing, corrupt or incompatible checkpoint.
+        ValueError: an invalid configuration, data or model (one line naming the problem).
+        RunDirError: the directory exists (without ``resume``/``overwrite``), is not a run, or
+            cannot be resumed (no last checkpoint, a different configuration).
+        CheckpointError: ``resume`` with a corrupt or incompatible checkpoint.
+        OSError: a file cannot be written (``CheckpointWriteError`` for checkpoints).
+        KeyboardInterrupt: after Ctrl-C, once the checkpoint is saved (or, on a second Ctrl-C,
+            at once).
     """
     run_dir = Path(run_dir)
-    prepare_run_dir(run_dir, resume=resume, overwrite=overwrite)
-    ckpt_dir = run_dir / "checkpoints"
-    start_step = 0
-    state: dict[str, Any] | None = None
-    if resume:
-        saved = load_run_config(run_dir)
-        changed = _differences(saved, cfg) - {"train.steps"}
-        if changed:
-            raise RunDirError(
-                f"cannot resume {run_dir} with a different configuration "
-                f"({', '.join(sorted(changed))}"
-                " differ); only train.steps may change"
-            )
-        if (ckpt_dir / "last.json").exists():
-            state, start_step = load_checkpoint(ckpt_dir, "last")
-    (run_dir / "config.yaml").write_text(cfg.to_yaml())
-
-    if cfg.train.threads > 0:
-        torch.set_num_threads(cfg.train.threads)
-    device = resolve_device(cfg.train.device)
-    autocast, needs_scaler = autocast_context(cfg.train.amp, device)
-    task, splits, model = build(cfg, device)
-    warm_up(model, splits["train"], task.kind, device, autocast)
-    memory = PeakMemory(device)
-    t = cfg.train
-    optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(t.warmup, t.steps))
-    scaler = torch.amp.GradScaler("cuda") if needs_scaler else None
-    best = {"accuracy": -math.inf, "step": -1}
-    elapsed_before = 0.0
-    # training metrics accumulated since the last log line (saved with checkpoints, so that a
-    # resumed run logs the same numbers as an uninterrupted one)
-    window: dict[str, float] = {"loss": 0.0, "correct": 0.0, "count": 0.0, "density": 0.0, "n": 0}
-    if state is not None:
-        load_model_state(model, state["model"], str(ckpt_dir / "last.json"))
+    validate(cfg)
+    check_run_dir(run_dir, resume=resume, overwrite=overwrite)
+    hint = resume_hint or f"sbmt train --resume {run_dir}"
+    try:
+        run, resumed = _set_up(cfg, run_dir, resume, quiet, echo)
+    except KeyboardInterrupt:
+        echo("\ninterrupted before training started; nothing was written")
+        raise
+    with StopRequest() as stop:
         try:
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-        except (KeyError, ValueError, RuntimeError) as err:
-            raise CheckpointError(
-                f"checkpoint {ckpt_dir / 'last.json'}: optimizer state does not fit: {err}"
-            ) from err
-        best = state["best"]
-        elapsed_before = float(state.get("elapsed", 0.0))
-        set_rng_state(state["rng"])
-        window = dict(state["window"])
-
-    metrics = MetricLog(run_dir, truncate_after=start_step if resume else None)
-    if t.grad_accum < 1 or t.batch_size % t.grad_accum:
-        raise ValueError(
-            f"train.batch_size ({t.batch_size}) must be a multiple of train.grad_accum "
-            f"({t.grad_accum})"
+            if not resume:
+                create_run_dir(run_dir, overwrite=overwrite)
+            (run_dir / "config.yaml").write_text(cfg.to_yaml())
+            _describe(run, run_dir, echo)
+            if resumed is not None:
+                echo(f"resuming at step {run.step} of {cfg.train.steps}")
+                if resumed.saved_steps != cfg.train.steps:
+                    echo(_reschedule(run.optimizer, run.scheduler, cfg.train, resumed.saved_steps))
+            train_seconds = _loop(run, run_dir, resume, stop, quiet, echo)
+        except KeyboardInterrupt:
+            # a second Ctrl-C (or one outside the handler): the step in progress is half done,
+            # so nothing is saved from it and the last checkpoint written stays the one to use
+            saved = checkpoint_step(run.ckpt_dir, "last")
+            kept = (
+                f"the last checkpoint (step {saved}) is kept; continue with: {hint}"
+                if saved is not None
+                else f"no checkpoint was saved; start again with --overwrite --run-dir {run_dir}"
+            )
+            echo(f"\ninterrupted again: stopped at once, after step {run.step}, unsaved; {kept}")
+            raise
+    if stop.requested:
+        done = "; training is complete, resuming runs the final evaluation" * (
+            run.step == cfg.train.steps
         )
+        echo(f"\ninterrupted: saved a checkpoint at step {run.step}{done}; continue with: {hint}")
+        raise KeyboardInterrupt
+    try:
+        return finish(
+            run_dir, cfg, run.task, run.splits, run.model, run.device, run.autocast,
+            train_seconds, run.memory.peak(), echo, quiet=quiet,
+        )  # fmt: skip
+    except KeyboardInterrupt:
+        echo(
+            "\ninterrupted during the final evaluation; training is complete (checkpoint at "
+            f"step {run.step}); {hint} runs the final evaluation"
+        )
+        raise
+
+
+def _describe(run: _Run, run_dir: Path, echo: Callable[[str], None]) -> None:
+    splits, cfg = run.splits, run.cfg
     echo(f"run: {run_dir}")
     echo(
-        f"task: {task.name} ({task.kind}, {task.description}); train/val/test = "
+        f"task: {run.task.name} ({run.task.kind}, {run.task.description}); train/val/test = "
         f"{len(splits['train'])}/{len(splits['val'])}/{len(splits['test'])}"
     )
     echo(
-        f"model: {type(model).__name__} with {cfg.model.attention} attention, "
-        f"{count_parameters(model):,} parameters, device {device}"
+        f"model: {type(run.model).__name__} with {cfg.model.attention} attention, "
+        f"{count_parameters(run.model):,} parameters, device {run.device}"
     )
     echo("config:\n" + "\n".join("  " + line for line in cfg.to_yaml().splitlines()))
-    if resume:
-        echo(f"resuming at step {start_step} of {t.steps}")
 
-    def checkpoint(name: str, step: int, elapsed: float) -> None:
-        save_checkpoint(
-            ckpt_dir,
-            name,
-            {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "rng": rng_state(),
-                "best": best,
-                "elapsed": elapsed,
-                "window": window,
-            },
-            step=step,
-        )
 
-    batches = batch_order(len(splits["train"]), t.batch_size, t.seed, start_step)
-    progress = _Progress(t.steps, start_step, quiet)
-    step = start_step
-    t_start = time.perf_counter()
-    t_window = t_start
-    interrupted = False
+def _loop(
+    run: _Run,
+    run_dir: Path,
+    resume: bool,
+    stop: StopRequest,
+    quiet: bool,
+    echo: Callable[[str], None],
+) -> float:
+    """Train from ``run.step`` to ``train.steps`` (logging, evaluating and checkpointing), or
+    until ``stop`` is requested: then the step in progress is finished and ``last`` is saved.
+    Returns the training time in seconds (of this and earlier sessions)."""
+    cfg, t = run.cfg, run.cfg.train
+    metrics = MetricLog(run_dir, truncate_after=run.step if resume else None)
+    batches = batch_order(len(run.splits["train"]), t.batch_size, t.seed, run.step)
+    progress = _Progress(t.steps, run.step, quiet)
+    t_start = t_window = time.perf_counter()
+
+    def elapsed() -> float:
+        return run.elapsed_before + time.perf_counter() - t_start
+
     try:
-        model.train()
-        while step < t.steps:
-            idx = next(batches)
-            optimizer.zero_grad(set_to_none=True)
-            step_loss = step_correct = step_count = 0.0
-            step_density: list[Tensor] = []
-            weight = sparsity_weight_at(t, step)
-            for micro in idx.chunk(t.grad_accum):
-                batch = make_batch(splits["train"], micro, task.kind).to(device)
-                with autocast():
-                    out: ModelOutput = model(batch.tokens, batch.padding_mask)
-                loss, correct, count = task_loss(out.logits, batch.labels)
-                density = out.mean_density()
-                total = loss if density is None else loss + weight * density.float()
-                total = total * (len(micro) / len(idx))
-                (scaler.scale(total) if scaler else total).backward()
-                step_loss += float(loss.detach()) * len(micro) / len(idx)
-                step_correct += float(correct)
-                step_count += float(count)
-                if out.densities:
-                    step_density.append(torch.stack([d.detach().float() for d in out.densities]))
-            if scaler:
-                scaler.unscale_(optimizer)
-            if t.clip > 0:
-                nn.utils.clip_grad_norm_(model.parameters(), t.clip)
-            if scaler:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            scheduler.step()
-            step += 1
-            mean_density = float(torch.stack(step_density).mean()) if step_density else None
-            window["loss"] += step_loss
-            window["correct"] += step_correct
-            window["count"] += step_count
-            window["density"] += mean_density or 0.0
+        run.model.train()
+        while run.step < t.steps and not stop.requested:
+            stats = train_step(
+                run.model, run.optimizer, run.scheduler, run.scaler, run.autocast,
+                run.splits["train"], run.task.kind, next(batches), t, run.step, run.device,
+            )  # fmt: skip
+            run.step += 1
+            window = run.window
+            window["loss"] += stats.loss
+            window["correct"] += stats.correct
+            window["count"] += stats.count
+            window["density"] += stats.density or 0.0
             window["n"] += 1
-            now = time.perf_counter()
-            if step % t.log_every == 0 or step == t.steps:
+            if run.step % t.log_every == 0 or run.step == t.steps:
+                now = time.perf_counter()
                 n = max(int(window["n"]), 1)
                 row = {
-                    "step": step,
+                    "step": run.step,
                     "split": "train",
                     "loss": f"{window['loss'] / n:.6g}",
                     "accuracy": f"{window['correct'] / max(window['count'], 1):.6g}",
-                    "density": f"{window['density'] / n:.6g}" if step_density else "",
-                    "lr": f"{scheduler.get_last_lr()[0]:.6g}",
-                    "seconds": f"{elapsed_before + now - t_start:.3f}",
+                    "density": f"{window['density'] / n:.6g}" if stats.per_layer_head else "",
+                    "lr": f"{run.scheduler.get_last_lr()[0]:.6g}",
+                    "seconds": f"{elapsed():.3f}",
                     "steps_per_s": f"{n / max(now - t_window, 1e-9):.4g}",
                 }
-                per = torch.stack(step_density).mean(0).tolist() if step_density else None
-                metrics.add(row, per)
-                progress.update(step, row)
+                metrics.add(row, stats.per_layer_head)
+                progress.update(run.step, row)
                 if quiet:
                     echo(_format_row(row, t.steps))
-                window = {"loss": 0.0, "correct": 0.0, "count": 0.0, "density": 0.0, "n": 0}
+                run.window = _new_window()
                 t_window = now
-            if step % t.eval_every == 0 or step == t.steps:
-                result = evaluate(model, splits["val"], task, cfg, device, autocast=autocast)
+            if run.step % t.eval_every == 0 or run.step == t.steps:
+                bar = _TaskBar("val", "batch", quiet, echo, announce=False)
+                try:
+                    result = evaluate(
+                        run.model, run.splits["val"], run.task, cfg, run.device,
+                        autocast=run.autocast, progress=bar,
+                    )  # fmt: skip
+                finally:
+                    bar.close()
                 row = {
-                    "step": step,
+                    "step": run.step,
                     "split": "val",
                     "loss": f"{result.loss:.6g}",
                     "accuracy": f"{result.accuracy:.6g}",
                     "density": "" if result.density is None else f"{result.density:.6g}",
-                    "seconds": f"{elapsed_before + time.perf_counter() - t_start:.3f}",
+                    "seconds": f"{elapsed():.3f}",
                 }
                 metrics.add(row, result.per_layer_head)
                 if quiet:
                     echo(_format_row(row, t.steps))
                 else:
                     progress.write(_format_row(row, t.steps))
-                if result.accuracy > best["accuracy"]:
-                    best = {"accuracy": result.accuracy, "step": step}
-                    checkpoint("best", step, elapsed_before + time.perf_counter() - t_start)
-                checkpoint("last", step, elapsed_before + time.perf_counter() - t_start)
-    except KeyboardInterrupt:
-        interrupted = True
-        checkpoint("last", step, elapsed_before + time.perf_counter() - t_start)
-        echo(
-            f"\ninterrupted: saved a checkpoint at step {step}; continue with: "
-            f"sbmt train --resume {run_dir}"
-        )
+                if result.accuracy > run.best["accuracy"]:
+                    run.best = {"accuracy": result.accuracy, "step": run.step}
+                    run.checkpoint("best", elapsed())
+                run.checkpoint("last", elapsed())
+        if stop.requested and run.last_saved != run.step:
+            run.checkpoint("last", elapsed())
     finally:
         progress.close()
         metrics.close()
-    if interrupted:
-        raise KeyboardInterrupt
-    train_seconds = elapsed_before + time.perf_counter() - t_start
-    return finish(
-        run_dir, cfg, task, splits, model, device, autocast, train_seconds, memory.peak(), echo
+    return elapsed()
+
+
+@dataclass
+class StepStats:
+    """Training metrics of one optimizer step."""
+
+    loss: float  # mean task loss over the step's examples
+    correct: float
+    count: float
+    density: float | None  # mean attention density (sampled-graph attentions)
+    per_layer_head: list[list[float]] | None
+
+
+def train_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler | None,
+    autocast: Callable[[], Any],
+    data: SequenceData,
+    kind: str,
+    indices: Tensor,
+    t: TrainConfig,
+    step: int,
+    device: torch.device,
+) -> StepStats:
+    """Training step ``step + 1`` on the examples ``indices`` of ``data``.
+
+    The examples are split into ``t.grad_accum`` micro-batches; the loss is the task loss plus
+    the sparsity weight at ``step`` times the mean density; then gradient clipping
+    (``t.clip``), the optimizer step and the scheduler step.
+    """
+    sparsity_weight = sparsity_weight_at(t, step)
+    optimizer.zero_grad(set_to_none=True)
+    step_loss = step_correct = step_count = 0.0
+    step_density: list[Tensor] = []
+    for micro in indices.chunk(t.grad_accum):
+        batch = make_batch(data, micro, kind).to(device)
+        with autocast():
+            out: ModelOutput = model(batch.tokens, batch.padding_mask)
+        loss, correct, count = task_loss(out.logits, batch.labels)
+        density = out.mean_density()
+        total = loss if density is None else loss + sparsity_weight * density.float()
+        total = total * (len(micro) / len(indices))
+        (scaler.scale(total) if scaler else total).backward()
+        step_loss += float(loss.detach()) * len(micro) / len(indices)
+        step_correct += float(correct)
+        step_count += float(count)
+        if out.densities:
+            step_density.append(torch.stack([d.detach().float() for d in out.densities]))
+    if scaler:
+        scaler.unscale_(optimizer)
+    if t.clip > 0:
+        nn.utils.clip_grad_norm_(model.parameters(), t.clip)
+    if scaler:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    scheduler.step()
+    densities = torch.stack(step_density) if step_density else None  # (micro, layers, H)
+    return StepStats(
+        loss=step_loss,
+        correct=step_correct,
+        count=step_count,
+        density=None if densities is None else float(densities.mean()),
+        per_layer_head=None if densities is None else densities.mean(0).tolist(),
+    )
+
+
+def _reschedule(
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LambdaLR,
+    t: TrainConfig,
+    saved_steps: int,
+) -> str:
+    """After loading a checkpoint of a run with ``saved_steps`` steps into a scheduler built for
+    ``t.steps``: set the rate of the next step from the new schedule, and say what happened.
+
+    LambdaLR saves its step count and last rates but not the schedule function, so the loaded
+    scheduler follows the new ``t.steps`` from the next step on; without this, the first step
+    after resuming would still use the saved rate (0 when the old run had finished).
+    """
+    step = scheduler.last_epoch
+    old = optimizer.param_groups[0]["lr"]
+    factor = lr_lambda(t.warmup, t.steps)(step)
+    for group, base in zip(optimizer.param_groups, scheduler.base_lrs, strict=True):
+        group["lr"] = base * factor
+    new = optimizer.param_groups[0]["lr"]
+    return (
+        f"train.steps changed from {saved_steps} to {t.steps}: the learning-rate schedule is "
+        f"recomputed for {t.steps} steps; the rate at step {step} is {new:.3g} (the "
+        f"{saved_steps}-step schedule was at {old:.3g}) and decays linearly to 0 at step "
+        f"{t.steps}; steps before {step} keep the old schedule"
     )
 
 
@@ -574,13 +889,26 @@ def finish(
     train_seconds: float,
     peak_memory: int,
     echo: Callable[[str], None],
+    *,
+    quiet: bool = True,
 ) -> dict[str, Any]:
-    """Test the best checkpoint, write summary.json and the plots."""
+    """Test the best checkpoint, write the plots and, last, summary.json (a run with a summary
+    is complete)."""
     ckpt_dir = run_dir / "checkpoints"
     best_state, best_step = load_checkpoint(ckpt_dir, "best")
     load_model_state(model, best_state["model"], str(ckpt_dir / "best.json"))
-    val = evaluate(model, splits["val"], task, cfg, device, autocast=autocast)
-    test = evaluate(model, splits["test"], task, cfg, device, autocast=autocast)
+    if quiet:
+        echo(f"final evaluation of the best checkpoint (step {best_step}) on val and test")
+    results = {}
+    for split in ("val", "test"):
+        bar = _TaskBar(f"final {split}", "batch", quiet, echo, announce=False)
+        try:
+            results[split] = evaluate(
+                model, splits[split], task, cfg, device, autocast=autocast, progress=bar
+            )
+        finally:
+            bar.close()
+    val, test = results["val"], results["test"]
     summary = {
         "task": task.name,
         "attention": cfg.model.attention,
@@ -603,10 +931,10 @@ def finish(
         "torch": torch.__version__,
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
     }
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     from sbm_transformer import plots
 
     made = plots.plot_run(run_dir, model=model, data=splits["val"], task=task, device=device)
+    atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=1))
     echo(
         f"test accuracy {test.accuracy:.4f} (best val {val.accuracy:.4f} at step {best_step})"
         + ("" if test.density is None else f", density {test.density:.2%}")
@@ -638,7 +966,7 @@ def load_run_config(run_dir: Path) -> RunConfig:
     return from_dict(_load_yaml(path), source=str(path))
 
 
-def _differences(a: RunConfig, b: RunConfig) -> set[str]:
+def config_differences(a: RunConfig, b: RunConfig) -> set[str]:
     da, db = a.to_dict(), b.to_dict()
     return {f"{s}.{k}" for s in da for k in da[s] if da[s][k] != db[s][k]}
 
@@ -649,19 +977,33 @@ def evaluate_run(
     split: str = "test",
     checkpoint: str = "best",
     samples: int | None = None,
+    quiet: bool = False,
     echo: Callable[[str], None] = print,
 ) -> EvalResult:
     """Re-evaluate a run's checkpoint (``sbmt eval``)."""
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir)
+    if split not in ("train", "val", "test"):
+        raise ValueError(f"unknown split {split!r}; valid: train, val, test")
+    if samples is not None and samples < 1:
+        raise ValueError(f"--eval-samples must be >= 1, got {samples}")
+    state, step = load_checkpoint(run_dir / "checkpoints", checkpoint)
     device = resolve_device(cfg.train.device)
     autocast, _ = autocast_context(cfg.train.amp, device)
-    task, splits, model = build(cfg, device)
-    if split not in splits:
-        raise ValueError(f"unknown split {split!r}; valid: {', '.join(splits)}")
-    state, step = load_checkpoint(run_dir / "checkpoints", checkpoint)
+    data_bar = _TaskBar("data", "example", quiet, echo)
+    try:
+        task, splits, model = build(cfg, device, data_bar)
+    finally:
+        data_bar.close()
     load_model_state(model, state["model"], str(run_dir / "checkpoints" / f"{checkpoint}.json"))
-    result = evaluate(model, splits[split], task, cfg, device, samples=samples, autocast=autocast)
+    bar = _TaskBar(f"eval {split}", "batch", quiet, echo, announce=False)
+    try:
+        result = evaluate(
+            model, splits[split], task, cfg, device, samples=samples, autocast=autocast,
+            progress=bar,
+        )  # fmt: skip
+    finally:
+        bar.close()
     echo(
         f"{run_dir} [{checkpoint} @ step {step}] {split}: accuracy {result.accuracy:.4f}, "
         f"loss {result.loss:.4f}"
@@ -724,3 +1066,52 @@ class _Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+class _TaskBar:
+    """A ``progress(done, total)`` callback that draws a tqdm bar, created on the first call
+    (work that reports no progress shows nothing) and removed when closed.
+
+    In quiet mode there is no bar; with ``announce``, one line says what started.
+    """
+
+    def __init__(
+        self,
+        desc: str,
+        unit: str,
+        quiet: bool,
+        echo: Callable[[str], None],
+        *,
+        announce: bool = True,
+    ) -> None:
+        self.desc, self.unit, self.quiet, self.echo, self.announce = (
+            desc,
+            unit,
+            quiet,
+            echo,
+            announce,
+        )
+        self.bar: Any = None
+        self.started = False
+
+    def __call__(self, done: int, total: int) -> None:
+        if not self.started:
+            self.started = True
+            if self.quiet:
+                if self.announce:
+                    self.echo(f"{self.desc}: {total} {self.unit}s ...")
+            else:
+                from tqdm.auto import tqdm
+
+                self.bar = tqdm(
+                    total=total, desc=self.desc, unit=self.unit, leave=False, dynamic_ncols=True
+                )
+        if self.bar is not None:
+            self.bar.total = total
+            self.bar.n = done
+            self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
