@@ -282,6 +282,8 @@ def test_cli_train_compare_eval_data(tmp_path, capsys) -> None:
         (["train", "--preset", "huge"], "unknown preset 'huge'; valid: tiny, lra"),
         (["train", "--set", "model.dimm=3"], "unknown config key 'model.dimm'"),
         (["frobnicate"], "unknown command 'frobnicate'"),
+        (["data", "listops", "--out", "unused", "--set", "data.train_size=-3"], "train_size must"),
+        (["eval", "no/such/run"], "no/such/run is not a run directory (no config.yaml)"),
     ],
 )
 def test_cli_errors_list_valid_choices(argv, message, capsys, tmp_path) -> None:

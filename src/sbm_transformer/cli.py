@@ -417,6 +417,7 @@ def cmd_data(argv: Sequence[str]) -> int:
         raise ValueError(f"unknown task {a.task!r}; valid: {', '.join(TASKS)}")
     cfg = preset(a.preset, a.task)
     apply_overrides(cfg, list(a.set or []))
+    validate(cfg)
     bar = tqdm(unit="example", dynamic_ncols=True)
 
     def progress(done: int, total: int) -> None:
