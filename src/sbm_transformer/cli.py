@@ -298,8 +298,11 @@ def _train_in_own_process(
         if interrupts >= 3:
             raise KeyboardInterrupt
 
-    main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGINT, on_sigint) if main_thread else None
+    install = (
+        threading.current_thread() is threading.main_thread()
+        and signal.getsignal(signal.SIGINT) is not signal.SIG_IGN
+    )
+    previous = signal.signal(signal.SIGINT, on_sigint) if install else None
     try:
         proc.start()
         proc.join()
@@ -308,8 +311,10 @@ def _train_in_own_process(
         proc.join()
         raise
     finally:
-        if main_thread:
-            signal.signal(signal.SIGINT, previous or signal.default_int_handler)
+        if install:
+            signal.signal(
+                signal.SIGINT, previous if previous is not None else signal.default_int_handler
+            )
     if proc.exitcode == 130 or (interrupts and proc.exitcode != 0):
         raise KeyboardInterrupt
     if proc.exitcode != 0:
