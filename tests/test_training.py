@@ -284,6 +284,7 @@ def test_cli_train_compare_eval_data(tmp_path, capsys) -> None:
         (["frobnicate"], "unknown command 'frobnicate'"),
         (["data", "listops", "--out", "unused", "--set", "data.train_size=-3"], "train_size must"),
         (["eval", "no/such/run"], "no/such/run is not a run directory (no config.yaml)"),
+        (["train", "--resume", "x", "--overwrite"], "--resume and --overwrite exclude each other"),
     ],
 )
 def test_cli_errors_list_valid_choices(argv, message, capsys, tmp_path) -> None:
@@ -552,3 +553,13 @@ def test_evaluation_and_data_generation_report_progress(tmp_path, capsys) -> Non
     assert out.err == ""  # quiet: no progress bars
     assert main(["eval", str(run)]) == 0
     assert "eval test" in capsys.readouterr().err  # the bar over the test batches
+
+
+def test_resume_of_a_comparison_directory_points_to_compare(tmp_path, capsys) -> None:
+    (tmp_path / "cmp" / "sbm").mkdir(parents=True)
+    (tmp_path / "cmp" / "sbm" / "config.yaml").write_text(config().to_yaml())
+    assert main(["train", "--resume", str(tmp_path / "cmp")]) == 2
+    assert (
+        f"runs sbm of a comparison: continue it with sbmt compare ... --out {tmp_path / 'cmp'}"
+        in (capsys.readouterr().err)
+    )

@@ -78,7 +78,7 @@ def _check_task_and_attention(task: str, attentions: list[str]) -> None:
 
 def cmd_train(argv: Sequence[str]) -> int:
     """Train one attention (or several, comma-separated: then like ``sbmt compare``)."""
-    from sbm_transformer.training import load_run_config, train
+    from sbm_transformer.training import check_run_dir, load_run_config, train
 
     p = argparse.ArgumentParser(prog="sbmt train", description=cmd_train.__doc__)
     _add_config_args(p)
@@ -93,6 +93,7 @@ def cmd_train(argv: Sequence[str]) -> int:
                 "--resume takes the run's own configuration; only --set train.steps=N may change it"
             )
         run_dir = Path(a.resume)
+        check_run_dir(run_dir, resume=True, overwrite=a.overwrite)
         cfg = load_run_config(run_dir)
         apply_overrides(cfg, list(a.set or []))
         train(cfg, run_dir, resume=True, quiet=a.quiet)
