@@ -10,6 +10,7 @@ Public API:
     :class:`SBMAttention`: batch-first multi-head attention module.
     :func:`sbm_attention` (also ``sbm_transformer.functional.sbm_attention``): functional form.
     :class:`SBMStats`: what a call sampled (density per head, the graph).
+    :class:`AdaptiveThreads`: torch's thread count following the CPUs other processes leave.
     :class:`Graph`: sampled edges of every (batch, head) pair, CSR by query.
     :func:`sample_graph`, :func:`edge_probability`, :func:`expected_num_edges`,
     :func:`expected_adjacency`, :func:`block_matrix`: the SBM and its fastRG sampler.
@@ -27,12 +28,14 @@ from sbm_transformer.sampling import (
     expected_num_edges,
     sample_graph,
 )
+from sbm_transformer.threads import AdaptiveThreads
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BACKENDS",
     "DISTRIBUTIONS",
+    "AdaptiveThreads",
     "Graph",
     "SBMAttention",
     "SBMStats",

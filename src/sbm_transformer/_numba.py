@@ -7,7 +7,6 @@ which compute the same thing more slowly.
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import os
 import threading
@@ -16,11 +15,12 @@ import weakref
 import numpy as np
 import torch
 
+_NUMBA_INSTALLED = importlib.util.find_spec("numba") is not None
 
-@functools.cache
+
 def numba_installed() -> bool:
-    """Whether numba can be imported (checked once, without importing it)."""
-    return importlib.util.find_spec("numba") is not None
+    """Whether numba can be imported (checked once, at import, without importing it)."""
+    return _NUMBA_INSTALLED
 
 
 def numba_enabled() -> bool:
@@ -35,7 +35,8 @@ def use_numba(*tensors: torch.Tensor) -> bool:
     numba kernel is reached through this check.
     """
     if numba_enabled() and all(t.device.type == "cpu" for t in tensors):
-        sync_threads()
+        if not torch.compiler.is_compiling():  # compiled: the kernels' custom ops sync
+            sync_threads()
         return True
     return False
 

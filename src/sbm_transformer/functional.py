@@ -115,6 +115,19 @@ def _check_inputs(k: Tensor, Y: Tensor, Z: Tensor, inputs: MembershipInputs) -> 
             )
 
 
+def _uniforms(size: int, generator: torch.Generator | None, device: torch.device) -> Tensor:
+    """``size`` uniforms on ``device``, from ``generator`` when given (drawn outside compiled
+    graphs then: dynamo does not take generators)."""
+    if generator is None:
+        return torch.rand(size, device=device)
+    return _uniforms_from(size, generator).to(device)
+
+
+@torch.compiler.disable
+def _uniforms_from(size: int, generator: torch.Generator) -> Tensor:
+    return torch.rand(size, generator=generator, device=generator.device)
+
+
 def sbm_attention(
     q: Tensor,
     k: Tensor,
@@ -229,8 +242,7 @@ def attend(
 
     drop = None
     if dropout_p > 0.0:
-        gen_device = generator.device if generator is not None else q.device
-        u = torch.rand(graph.num_edges, generator=generator, device=gen_device).to(q.device)
+        u = _uniforms(graph.col_indices.shape[0], generator, q.device)
         drop = (u >= dropout_p).to(q.dtype) / (1.0 - dropout_p)
 
     work = torch.promote_types(q.dtype, torch.float32)

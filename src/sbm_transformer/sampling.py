@@ -315,6 +315,59 @@ def sample_graph(
     Returns:
         A :class:`Graph`; each edge is present independently with :func:`edge_probability`.
     """
+    _check_sbm_inputs(Y, Z, B, exploration, key_padding_mask, causal)
+    check_distribution(distribution)
+    # one seed drawn from `generator`, then a generator of its own: compiled and eager calls
+    # then draw the same graph from the same generator state
+    seed = random_seed(generator, Y.device)
+    if torch.compiler.is_compiling():  # one opaque custom op (see ops.library)
+        from sbm_transformer.ops.library import sample_graph_op
+
+        return sample_graph_op(
+            Y, Z, B, exploration=exploration, key_padding_mask=key_padding_mask, causal=causal,
+            seed=seed, max_edges=max_edges, distribution=distribution,
+        )  # fmt: skip
+    return sample_graph_eager(
+        Y, Z, B, exploration=exploration, key_padding_mask=key_padding_mask, causal=causal,
+        generator=seeded_generator(seed, Y.device), max_edges=max_edges,
+        distribution=distribution,
+    )  # fmt: skip
+
+
+def seeded_generator(seed: Tensor, device: torch.device) -> torch.Generator:
+    """A generator on ``device`` seeded with the value of the one-element tensor ``seed``."""
+    return torch.Generator(device).manual_seed(int(seed.item()))
+
+
+def random_seed(generator: torch.Generator | None, device: torch.device) -> Tensor:
+    """A one-element int64 tensor of random bits from ``generator`` (the default generator of
+    ``device`` when None); compiled code draws it outside the graph when a generator is given
+    (dynamo does not take generators)."""
+    if generator is None:
+        return torch.randint(0, 2**62, (1,), dtype=torch.int64, device=device)
+    return _seed_from_generator(generator)
+
+
+@torch.compiler.disable
+def _seed_from_generator(generator: torch.Generator) -> Tensor:
+    return torch.randint(0, 2**62, (1,), dtype=torch.int64, generator=generator).to(
+        generator.device
+    )
+
+
+def sample_graph_eager(
+    Y: Tensor,
+    Z: Tensor,
+    B: Tensor,
+    *,
+    exploration: float = 0.0,
+    key_padding_mask: Tensor | None = None,
+    causal: bool = False,
+    generator: torch.Generator | None = None,
+    max_edges: int | None = None,
+    distribution: str = "poisson",
+) -> Graph:
+    """:func:`sample_graph` outside ``torch.compile`` (and inside its custom op)."""
     Bx = _check_sbm_inputs(Y, Z, B, exploration, key_padding_mask, causal)
     check_distribution(distribution)
     check_sbm_values(Y=Y, Z=Z, B=B)
