@@ -6,7 +6,13 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow bench lint format clean
+# test-py313: the suite on Python 3.13 too (no local CPU build of torch for 3.13 here: PyPI's
+# torch==2.13.0 with its CUDA libraries, about 4.7 GB in .venv313; the tests run on the CPU).
+PYTHON313 ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.13*/bin/python3.13) python3.13)
+VENV313 := .venv313
+STAMP313 := $(VENV313)/.installed
+
+.PHONY: demo test test-slow test-py313 bench lint format clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +25,15 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+$(STAMP313): pyproject.toml
+	$(PYTHON313) -m venv $(VENV313)
+	$(VENV313)/bin/python -m pip install -q "$(TORCH_SPEC)"
+	$(VENV313)/bin/python -m pip install -q -e ".[dev,numba]"
+	touch $(STAMP313)
+
+test-py313: $(STAMP313)
+	$(VENV313)/bin/python -m pytest -q -p no:cacheprovider
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
@@ -36,4 +51,4 @@ format: $(STAMP)
 	$(VENV)/bin/ruff check --fix src tests benchmarks
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(VENV313) .pytest_cache .mypy_cache .ruff_cache
