@@ -215,7 +215,7 @@ def test_empty_sequences_are_refused_naming_split_and_example() -> None:
 def test_load_task_reports_generation_progress() -> None:
     for task in ("listops", "repeat", "retrieval", "lm"):
         seen: list[tuple[int, int]] = []
-        load_task(small(task), lambda d, t, seen=seen: seen.append((d, t)))
+        load_task(small(task), lambda done, total: seen.append((done, total)))  # noqa: B023
         assert seen and seen[-1] == (24, 24), task
 
 
