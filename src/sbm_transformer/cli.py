@@ -7,6 +7,7 @@ sbmt eval RUN_DIR               re-evaluate a run's checkpoint
 sbmt compare --task T --attention sbm,softmax,linear,... [--resume]
 sbmt data TASK --out DIR        generate or prepare a task's data
 sbmt bench attention            speed and memory benchmark
+sbmt bench contention           trainings alone, beside a busy process, two at once
 """
 
 from __future__ import annotations
@@ -441,12 +442,18 @@ def cmd_data(argv: Sequence[str]) -> int:
 
 
 def cmd_bench(argv: Sequence[str]) -> int:
-    """Benchmarks: ``sbmt bench attention [options]`` (see --help)."""
-    if not argv or argv[0] != "attention":
+    """Benchmarks: ``sbmt bench attention|contention [options]`` (see --help)."""
+    if not argv or argv[0] not in ("attention", "contention"):
         print(
-            "usage: sbmt bench attention [options]   (sbmt bench attention --help)", file=sys.stderr
+            "usage: sbmt bench attention|contention [options]   (sbmt bench attention --help)",
+            file=sys.stderr,
         )
         return 2
+    if argv[0] == "contention":
+        from sbm_transformer.bench_contention import run as run_contention
+
+        run_contention(list(argv[1:]))
+        return 0
     from sbm_transformer.bench import run
 
     run(list(argv[1:]))

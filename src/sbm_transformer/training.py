@@ -49,6 +49,7 @@ from sbm_transformer.data import load_task
 from sbm_transformer.data.base import IGNORE_INDEX, Batch, SequenceData, TaskInfo, collate_fn
 from sbm_transformer.models import ModelOutput, build_model, is_stochastic, set_sampling_seed
 from sbm_transformer.tensorboard import ScalarWriter
+from sbm_transformer.threads import AdaptiveThreads
 
 log = logging.getLogger(__name__)
 
@@ -712,6 +713,9 @@ def _loop(
     batches = batch_order(len(run.splits["train"]), t.batch_size, t.seed, run.step)
     progress = _Progress(t.steps, run.step, quiet)
     t_start = t_window = time.perf_counter()
+    # train.threads = 0: use the CPUs other processes leave free (spinning threads on busy
+    # cores made trainings 10x slower; see threads.AdaptiveThreads)
+    governor = AdaptiveThreads() if t.threads == 0 and run.device.type == "cpu" else None
 
     def elapsed() -> float:
         return run.elapsed_before + time.perf_counter() - t_start
@@ -724,6 +728,8 @@ def _loop(
                 run.splits["train"], run.task.kind, next(batches), t, run.step, run.device,
             )  # fmt: skip
             run.step += 1
+            if governor is not None:
+                governor.poll()
             window = run.window
             window["loss"] += stats.loss
             window["correct"] += stats.correct
@@ -780,6 +786,8 @@ def _loop(
     finally:
         progress.close()
         metrics.close()
+        if governor is not None:
+            governor.restore()
     return elapsed()
 
 
