@@ -44,6 +44,18 @@ def test_a_block_comes_back_only_after_its_last_user_is_freed(small_pool) -> Non
     assert small_pool._FREE_BLOCKS == []
 
 
+def test_the_smallest_free_block_that_fits_is_taken(small_pool) -> None:
+    n = 1 << 15
+    big, small = recycled(4 * n, np.float32), recycled(2 * n, np.float32)
+    big_ptr, small_ptr = big.ctypes.data, small.ctypes.data
+    del big, small  # both free: the big one first in the pool
+    assert len(small_pool._FREE_BLOCKS) == 2
+    c = recycled(n, np.float32)
+    assert _inside(c, small_ptr)
+    d = recycled(n, np.float32)
+    assert _inside(d, big_ptr) and small_pool._FREE_BLOCKS == []
+
+
 def _hold(a: np.ndarray, hold: str) -> object:
     if hold == "numpy_view":
         return a[5:9]

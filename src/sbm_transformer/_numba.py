@@ -119,11 +119,9 @@ def _give_back(block: np.ndarray) -> None:
 
 def _take_block(nbytes: int) -> np.ndarray:
     with _POOL_LOCK:
-        fits = [b for b in _FREE_BLOCKS if b.nbytes >= nbytes]
-        if fits:
-            block = min(fits, key=lambda b: b.nbytes)
-            _FREE_BLOCKS.remove(block)
-            return block
+        fits = [i for i, b in enumerate(_FREE_BLOCKS) if b.nbytes >= nbytes]
+        if fits:  # the smallest that fits (by index: `==` on arrays compares elements)
+            return _FREE_BLOCKS.pop(min(fits, key=lambda i: _FREE_BLOCKS[i].nbytes))
         # a new block with room for the next call's few more edges; free blocks too small for
         # this request are dropped (sizes follow the sampled edge count, which mostly grows)
         _FREE_BLOCKS[:] = [b for b in _FREE_BLOCKS if b.nbytes > nbytes]
