@@ -43,16 +43,28 @@ def test_adaptive_threads_follow_the_free_cpus(monkeypatch, keep_threads) -> Non
     assert gov.poll() == 4  # quiet
     clock.others = 2.0
     clock.advance(1.5)
+    assert gov.poll() == 4  # one busy second is not enough
+    clock.advance(1.5)
     assert gov.poll() == 2 and torch.get_num_threads() == 2
     clock.others = 3.9
     clock.advance(1.5)
+    assert gov.poll() == 2
+    clock.advance(1.5)
     assert gov.poll() == 1  # never below one
-    clock.others = 0.2  # a shell's burst: no thread taken
+    clock.others = 0.2  # a shell's burst: no thread taken; more threads at once
     clock.advance(1.5)
     assert gov.poll() == 4 and gov.changes == 3
     clock.others = 2.0
     clock.advance(0.5)
     assert gov.poll() == 4  # within the interval: not measured
+    clock.advance(1.0)
+    assert gov.poll() == 4
+    clock.others = 0.0  # the burst ended: the request to lower is forgotten
+    clock.advance(1.5)
+    assert gov.poll() == 4
+    clock.others = 2.0
+    clock.advance(1.5)
+    assert gov.poll() == 4
     gov.restore()
     assert torch.get_num_threads() == 4
 
@@ -63,8 +75,10 @@ def test_adaptive_threads_restores_on_exit(monkeypatch, keep_threads) -> None:
     with AdaptiveThreads() as gov:
         gov.cpus = 2
         clock.others = 1.0
-        clock.advance(2.0)
-        assert gov.poll() == 1 and torch.get_num_threads() == 1
+        for _ in range(2):
+            clock.advance(2.0)
+            gov.poll()
+        assert gov.threads == 1 and torch.get_num_threads() == 1
     assert torch.get_num_threads() == 2
 
 

@@ -68,6 +68,7 @@ class AdaptiveThreads:
             self.cpus = os.cpu_count() or 1
         self.threads = self.initial = torch.get_num_threads()
         self.changes = 0
+        self._lower = False  # the last measurement asked for fewer threads
         self._last = self._sample()
 
     def _sample(self) -> tuple[float, int, int] | None:
@@ -95,6 +96,12 @@ class AdaptiveThreads:
             return self.threads
         # 0.3 of a CPU of slack: an editor's or a shell's bursts do not take a thread away
         want = max(1, min(self.max_threads, int(self.cpus - others + 0.3)))
+        # fewer threads only when two measurements in a row ask for it: one busy second of
+        # another process (a compile, a checkpoint) does not halve a lone training
+        if want < self.threads and not self._lower:
+            self._lower = True
+            return self.threads
+        self._lower = False
         if want != self.threads:
             import torch
 
