@@ -17,7 +17,7 @@ STAMP313 := $(VENV313)/.installed
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[dev,numba]"
+	$(PY) -m pip install -q -e ".[dev,numba,hf,tensorboard]"
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -29,7 +29,7 @@ test: $(STAMP)
 $(STAMP313): pyproject.toml
 	$(PYTHON313) -m venv $(VENV313)
 	$(VENV313)/bin/python -m pip install -q "$(TORCH_SPEC)"
-	$(VENV313)/bin/python -m pip install -q -e ".[dev,numba]"
+	$(VENV313)/bin/python -m pip install -q -e ".[dev,numba,hf,tensorboard]"
 	touch $(STAMP313)
 
 test-py313: $(STAMP313)
