@@ -10,45 +10,69 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
+import sys
 import types
 import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from sbm_transformer.attention import DEFAULT_RATE_SCALE
 from sbm_transformer.data.base import DataConfig
+
+# The closed choices, checked when a file or an override is read. A Literal is spelled out (type
+# checkers read it), so each mirrors the registry named in its comment, which this module does not
+# import (mechanisms and baselines pull in the models); tests/test_config.py checks they agree.
+#: ``mechanisms.ATTENTIONS`` (a script may register more at run time: see ``_extra_attentions``).
+AttentionName = Literal[
+    "sbm", "softmax", "linear", "performer", "linformer", "nystromformer", "none"
+]
+#: ``functional.BACKENDS``.
+BackendName = Literal["auto", "dense", "sparse", "sparse-torch", "sparse-numba"]
+#: ``attention.SBM_FORMS``.
+SBMForm = Literal["default", "paper", "original"]
+#: ``sampling.DISTRIBUTIONS``.
+DistributionName = Literal["poisson", "bernoulli"]
+#: ``baselines.PERFORMER_KERNELS``.
+PerformerKernel = Literal["relu", "softmax"]
+#: Pooling of the classification heads (``models``).
+PoolingName = Literal["mean", "cls"]
+#: Mixed precision (``training``): bf16 on GPUs that support it with "auto".
+AmpMode = Literal["auto", "off", "bf16", "fp16"]
 
 
 @dataclass
 class ModelConfig:
     """The encoder and its attention (see ``sbm_transformer.models``)."""
 
-    attention: str = "sbm"
+    attention: AttentionName = "sbm"
     dim: int = 64
     heads: int = 2
     layers: int = 2
     mlp_dim: int = 128
     dropout: float = 0.1
     attention_dropout: float = 0.1
-    pooling: str = "mean"  # "mean" or "cls" (classification heads)
+    pooling: PoolingName = "mean"  # classification heads
     # SBM attention
     num_clusters: int = 128
     exploration: float = 0.01
     # "default", "paper" or "original" (attention.SBM_FORMS); the last two fix distribution
     # and rate_scale, which then must be left at their defaults
-    sbm: str = "default"
-    distribution: str = "poisson"  # "poisson" (the paper's) or "bernoulli" (the released code's)
+    sbm: SBMForm = "default"
+    distribution: DistributionName = "poisson"  # the paper's or "bernoulli" (the released code's)
     rate_scale: float | None = (
         DEFAULT_RATE_SCALE  # initial learned scale on the SBM rate; null = no scale
     )
     init_density: float | None = None
-    backend: str = "auto"
+    backend: BackendName = "auto"
     # baselines
     performer_features: int = 256
-    performer_kernel: str = "relu"
+    performer_kernel: PerformerKernel = "relu"
     linformer_k: int = 256
     nystrom_landmarks: int = 32
     nystrom_conv: int = 35
@@ -73,7 +97,7 @@ class TrainConfig:
     eval_samples: int = 1  # graphs averaged per prediction (stochastic attentions)
     eval_seed: int = 1234  # graphs sampled in evaluation use this seed
     log_every: int = 10
-    amp: str = "auto"  # "auto" (bf16 on GPUs that support it), "off", "bf16", "fp16"
+    amp: AmpMode = "auto"  # "auto" (bf16 on GPUs that support it), "off", "bf16", "fp16"
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
     seed: int = 0
     threads: int = 0  # torch threads on CPU; 0 = torch's default
@@ -159,11 +183,11 @@ PRESETS = ("tiny", "lra")
 
 
 def preset(name: str, task: str) -> RunConfig:
-    """The configuration of a preset for a task. Raises ValueError listing valid presets."""
+    """The configuration of a preset for a task. Raises ValueError listing the valid choices."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; valid: {', '.join(PRESETS)}")
     cfg = RunConfig()
-    cfg.data.task = task
+    set_value(cfg, "data.task", task, source=f"preset {name}")
     if name == "tiny":
         apply_dict(cfg, _TINY)
         apply_dict(cfg, _TINY_TASKS.get(task, {}))
@@ -176,50 +200,122 @@ def preset(name: str, task: str) -> RunConfig:
 
 
 # ----------------------------------------------------------------------------- overrides
+# Values are merged with OmegaConf onto the structured schema of RunConfig, which checks keys,
+# types (an int for a float field is fine; PyYAML's string "1e-3" is read as a float; null only
+# for Optional fields) and the Literal choices; the result goes back to the dataclasses.
 def _field_types(section: type) -> dict[str, Any]:
     hints = typing.get_type_hints(section)
     return {f.name: hints[f.name] for f in fields(section)}
 
 
-def _coerce(value: Any, tp: Any, where: str) -> Any:
-    """Check/convert a YAML-parsed value to a field type; ValueError naming ``where`` otherwise."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(tp)
-        if value is None and type(None) in options:
-            return None
-        for option in options:
-            if option is type(None):
-                continue
-            try:
-                return _coerce(value, option, where)
-            except ValueError:
-                continue
-        raise ValueError(f"{where}: expected {tp}, got {value!r}")
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ValueError(f"{where}: expected true or false, got {value!r}")
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            if isinstance(value, float) and value.is_integer():
-                return int(value)
-            raise ValueError(f"{where}: expected an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                raise ValueError(f"{where}: expected a number, got {value!r}") from None
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"{where}: expected a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-            raise ValueError(f"{where}: expected a string, got {value!r}")
-        return str(value)
-    raise ValueError(f"{where}: unsupported type {tp}")
+_TYPES: dict[str, dict[str, Any]] = {name: _field_types(cls) for name, cls in SECTIONS.items()}
+_SCHEMA: DictConfig | None = None
+
+
+def _schema() -> DictConfig:
+    global _SCHEMA
+    if _SCHEMA is None:
+        _SCHEMA = OmegaConf.structured(RunConfig)
+    return _SCHEMA
+
+
+def _extra_attentions() -> tuple[str, ...]:
+    """Mechanisms a script registered in ``mechanisms.ATTENTIONS`` beyond the built-in ones."""
+    mechanisms = sys.modules.get("sbm_transformer.mechanisms")
+    registry = getattr(mechanisms, "ATTENTIONS", {})
+    return tuple(n for n in registry if n not in typing.get_args(AttentionName))
+
+
+def _choices(tp: Any) -> tuple[str, ...] | None:
+    """The values of a Literal field type (with registered extra attentions); None otherwise."""
+    if typing.get_origin(tp) is Literal:
+        extra = _extra_attentions() if tp == AttentionName else ()
+        return (*typing.get_args(tp), *extra)
+    return None
+
+
+def _expected(tp: Any) -> str:
+    """What a field of type ``tp`` takes, in words."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        options = [_expected(t) for t in typing.get_args(tp) if t is not type(None)]
+        return " or ".join([*options, "null"])
+    return {int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
+
+
+def _show(value: Any) -> str:
+    """A value as it was written (YAML's null, true and false; Python's repr otherwise)."""
+    if value is None or isinstance(value, bool):
+        return yaml.safe_dump(value).split("\n")[0]
+    return repr(value)
+
+
+def _escape(text: str) -> str:
+    """``text`` with OmegaConf's interpolations (``${...}``) escaped: values are taken literally."""
+    return re.sub(r"(\\*)\$\{", lambda m: m.group(1) * 2 + r"\${", text)
+
+
+def _error(err: OmegaConfBaseException, values: dict[str, Any], source: str) -> ValueError:
+    """One line for an OmegaConf error: the source, the key, the value and what is valid."""
+    key = str(getattr(err, "full_key", None) or "")
+    section, _, name = key.partition(".")
+    if section not in SECTIONS:  # not expected: apply_dict checks the sections first
+        return ValueError(f"{source}: {key or 'config'}: {str(err).splitlines()[0]}")
+    types_ = _TYPES[section]
+    if name not in types_:
+        return ValueError(
+            f"{source}: unknown config key {key!r}; valid keys in {section!r}: {', '.join(types_)}"
+        )
+    value = values[section][name]
+    valid = _choices(types_[name])
+    if valid is not None:
+        return ValueError(
+            f"{source}: invalid value {_show(value)} for {key}; valid: {', '.join(valid)}"
+        )
+    return ValueError(f"{source}: {key}: expected {_expected(types_[name])}, got {_show(value)}")
+
+
+def apply_dict(cfg: RunConfig, values: dict[str, Any], *, source: str = "config") -> RunConfig:
+    """Apply a nested ``{section: {field: value}}`` mapping (checked as a whole, then set).
+
+    Raises:
+        ValueError: one line naming ``source``, the key, the value and what the key takes (the
+            valid keys, the choices of a Literal field, or its type).
+    """
+    if not isinstance(values, dict):
+        raise ValueError(f"{source}: expected a mapping of sections, got {type(values).__name__}")
+    given: dict[str, Any] = {}  # what OmegaConf checks
+    later: dict[tuple[str, str], Any] = {}  # registered extra attentions, set as they are
+    for section, entries in values.items():
+        if section not in SECTIONS:
+            raise ValueError(
+                f"{source}: unknown config section {section!r}; valid: {', '.join(SECTIONS)}"
+            )
+        if not isinstance(entries, dict):
+            raise ValueError(f"{source}: section {section!r} must be a mapping, got {entries!r}")
+        given[section] = {}
+        for name, value in entries.items():
+            tp = _TYPES[section].get(name)
+            if tp is int and isinstance(value, float) and value.is_integer():
+                value = int(value)  # 128.0 is 128; 0.5 is refused
+            elif isinstance(value, str):
+                if value == "???":  # OmegaConf's "missing" marker
+                    raise ValueError(f"{source}: {section}.{name}: '???' is not a value")
+                if tp == AttentionName and value in _extra_attentions():
+                    later[section, name] = value
+                    continue
+                value = _escape(value)
+            given[section][name] = value
+    try:
+        merged = OmegaConf.to_object(OmegaConf.merge(_schema(), given))
+    except OmegaConfBaseException as err:
+        raise _error(err, values, source) from None
+    assert isinstance(merged, RunConfig)
+    for section, entries in given.items():
+        for name in entries:
+            setattr(getattr(cfg, section), name, getattr(getattr(merged, section), name))
+    for (section, name), value in later.items():
+        setattr(getattr(cfg, section), name, value)
+    return cfg
 
 
 def set_value(cfg: RunConfig, key: str, value: Any, *, source: str = "override") -> None:
@@ -230,32 +326,7 @@ def set_value(cfg: RunConfig, key: str, value: Any, *, source: str = "override")
             f"sections: {', '.join(SECTIONS)}"
         )
     section, name = key.split(".", 1)
-    if section not in SECTIONS:
-        raise ValueError(
-            f"{source}: unknown config section {section!r}; valid: {', '.join(SECTIONS)}"
-        )
-    types_ = _field_types(SECTIONS[section])
-    if name not in types_:
-        raise ValueError(
-            f"{source}: unknown config key {key!r}; valid keys in {section!r}: {', '.join(types_)}"
-        )
-    setattr(getattr(cfg, section), name, _coerce(value, types_[name], f"{source}: {key}"))
-
-
-def apply_dict(cfg: RunConfig, values: dict[str, Any], *, source: str = "config") -> RunConfig:
-    """Apply a nested ``{section: {field: value}}`` mapping."""
-    if not isinstance(values, dict):
-        raise ValueError(f"{source}: expected a mapping of sections, got {type(values).__name__}")
-    for section, entries in values.items():
-        if section not in SECTIONS:
-            raise ValueError(
-                f"{source}: unknown config section {section!r}; valid: {', '.join(SECTIONS)}"
-            )
-        if not isinstance(entries, dict):
-            raise ValueError(f"{source}: section {section!r} must be a mapping, got {entries!r}")
-        for name, value in entries.items():
-            set_value(cfg, f"{section}.{name}", value, source=source)
-    return cfg
+    apply_dict(cfg, {section: {name: value}}, source=source)
 
 
 def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
@@ -273,7 +344,7 @@ def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
 
 
 def load_yaml(cfg: RunConfig, path: str | Path) -> RunConfig:
-    """Apply a YAML file (same nested layout as ``config.yaml`` of a run)."""
+    """Apply a YAML file (same nested layout as ``config.yaml`` of a run; keys may be missing)."""
     path = Path(path)
     try:
         values = yaml.safe_load(path.read_text())
@@ -287,15 +358,17 @@ def load_yaml(cfg: RunConfig, path: str | Path) -> RunConfig:
 
 
 def from_dict(values: dict[str, Any], *, source: str = "config") -> RunConfig:
-    """A RunConfig from a full nested mapping (e.g. a saved ``config.yaml``)."""
+    """A RunConfig from a nested mapping (e.g. a saved ``config.yaml``); missing keys: defaults."""
     return apply_dict(RunConfig(), values, source=source)
 
 
 # ---------------------------------------------------------------------------- validation
-#: Choices of the string fields that are not names of tasks or attentions.
+#: The choices of every Literal field (``section.field`` -> values), from the field types.
 CHOICES: dict[str, tuple[str, ...]] = {
-    "model.pooling": ("mean", "cls"),
-    "train.amp": ("auto", "off", "bf16", "fp16"),
+    f"{section}.{name}": typing.get_args(tp)
+    for section, types_ in _TYPES.items()
+    for name, tp in types_.items()
+    if typing.get_origin(tp) is Literal
 }
 
 # (key, lowest value, whether the lowest value itself is allowed); None values are allowed for
@@ -329,12 +402,6 @@ def validate(cfg: RunConfig) -> RunConfig:
     Raises:
         ValueError: one line naming the key, its value and what is expected.
     """
-    from sbm_transformer.attention import SBM_FORMS
-    from sbm_transformer.baselines import PERFORMER_KERNELS
-    from sbm_transformer.data import TASKS
-    from sbm_transformer.functional import BACKENDS
-    from sbm_transformer.mechanisms import ATTENTIONS
-    from sbm_transformer.sampling import DISTRIBUTIONS
 
     def value(key: str) -> Any:
         section, name = key.split(".")
@@ -349,17 +416,10 @@ def validate(cfg: RunConfig) -> RunConfig:
         if v is not None and (v < low or (v == low and not inclusive)):
             expected = f">= {low}" if inclusive else f"> {low}"
             raise ValueError(f"{key} must be {expected}, got {v}")
-    choices = {
-        **CHOICES,
-        "data.task": tuple(TASKS),
-        "model.attention": tuple(ATTENTIONS),
-        "model.sbm": tuple(SBM_FORMS),
-        "model.distribution": DISTRIBUTIONS,
-        "model.backend": BACKENDS,
-        "model.performer_kernel": PERFORMER_KERNELS,
-    }
-    for key, valid in choices.items():
-        if value(key) not in valid:
+    for key in CHOICES:  # a RunConfig built in Python bypasses the checks of apply_dict
+        section, name = key.split(".")
+        valid = _choices(_TYPES[section][name])
+        if valid is not None and value(key) not in valid:
             raise ValueError(f"unknown {key} {value(key)!r}; valid: {', '.join(valid)}")
     d, m, t = cfg.data, cfg.model, cfg.train
     if d.min_length > d.max_length:

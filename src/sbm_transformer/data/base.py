@@ -28,6 +28,10 @@ IGNORE_INDEX = -100  # labels at padding (cross_entropy's ignore_index)
 
 TaskKind = Literal["classify", "match", "tag", "lm"]
 
+#: The names of :data:`sbm_transformer.data.TASKS` (``data.task`` of a run configuration;
+#: tests/test_config.py checks that the two agree).
+TaskName = Literal["listops", "repeat", "image", "text", "retrieval", "pathfinder", "lm"]
+
 
 @dataclass(frozen=True)
 class TaskInfo:
@@ -67,7 +71,7 @@ class DataConfig:
         max_len: truncate longer sequences to this length (0 = the task's default).
     """
 
-    task: str = "listops"
+    task: TaskName = "listops"
     dir: str | None = None
     source: str | None = None
     train_size: int = 2000
