@@ -82,7 +82,7 @@ def main() -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--set", nargs="*", default=[])
     a = p.parse_args()
-    mechanisms.ATTENTIONS["sbm-simplex"] = lambda: SimplexSelfAttention
+    mechanisms.ATTENTIONS["sbm-simplex"] = SimplexSelfAttention
     cfg = preset("tiny", "repeat")
     apply_overrides(cfg, [*demo_config(), f"train.seed={a.seed}", *a.set])
     SimplexSelfAttention.num_clusters = cfg.model.num_clusters

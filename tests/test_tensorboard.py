@@ -1,35 +1,56 @@
-"""The dependency-free TensorBoard writer produces valid, CRC-checked event records."""
+"""TensorBoard events of a run (torch.utils.tensorboard; the ``tensorboard`` extra)."""
 
 from __future__ import annotations
 
 import pytest
 
-from sbm_transformer.tensorboard import ScalarWriter, _crc32c, read_scalars
+from sbm_transformer.training.metrics import MetricRecord, TensorBoardSink
+
+events = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
 
 
-def test_crc32c_known_value() -> None:
-    assert _crc32c(b"123456789") == 0xE3069283  # the CRC-32C check value
-
-
-def test_write_and_read_back(tmp_path) -> None:
-    with ScalarWriter(tmp_path) as w:
-        for step in range(3):
-            w.add_scalar("loss/train", 1.0 / (step + 1), step)
-        w.add_scalar("accuracy/val", 0.75, 2)
-    got = read_scalars(tmp_path)
-    assert [(t, s) for t, s, _ in got] == [
-        ("loss/train", 0),
-        ("loss/train", 1),
-        ("loss/train", 2),
-        ("accuracy/val", 2),
-    ]
-    assert got[1][2] == pytest.approx(0.5) and got[3][2] == pytest.approx(0.75)
-
-
-def test_tensorboard_reads_our_files_when_installed(tmp_path) -> None:
-    tb = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
-    with ScalarWriter(tmp_path) as w:
-        w.add_scalar("x", 3.0, 5)
-    acc = tb.EventAccumulator(str(tmp_path))
+def scalars(logdir, tag: str) -> list[tuple[int, float]]:
+    acc = events.EventAccumulator(str(logdir))
     acc.Reload()
-    assert [(e.step, e.value) for e in acc.Scalars("x")] == [(5, 3.0)]
+    return [(e.step, e.value) for e in acc.Scalars(tag)]
+
+
+def record(step: int, loss: float) -> MetricRecord:
+    return MetricRecord(
+        step=step, split="train", loss=loss, accuracy=0.5, density=0.25, lr=1e-3,
+        per_layer_head=[[0.2, 0.3]],
+    )  # fmt: skip
+
+
+def test_records_become_scalars(tmp_path) -> None:
+    sink = TensorBoardSink(tmp_path / "tb", resume_step=None)
+    for step in (2, 4):
+        sink.write(record(step, 1.0 / step))
+    sink.close()
+    assert scalars(tmp_path / "tb", "loss/train") == [(2, 0.5), (4, 0.25)]
+    assert scalars(tmp_path / "tb", "density_train/layer0_head1") == [
+        (2, pytest.approx(0.3)),
+        (4, pytest.approx(0.3)),
+    ]
+
+
+def test_a_resumed_run_hides_the_steps_it_trains_again(tmp_path) -> None:
+    sink = TensorBoardSink(tmp_path / "tb", resume_step=None)
+    for step in (2, 4, 6):
+        sink.write(record(step, 1.0))
+    sink.close()
+    sink = TensorBoardSink(tmp_path / "tb", resume_step=2)  # the checkpoint was at step 2
+    for step in (4, 6):
+        sink.write(record(step, 2.0))
+    sink.close()
+    assert scalars(tmp_path / "tb", "loss/train") == [(2, 1.0), (4, 2.0), (6, 2.0)]
+
+
+def test_a_new_run_replaces_old_events(tmp_path) -> None:
+    sink = TensorBoardSink(tmp_path / "tb", resume_step=None)
+    sink.write(record(8, 1.0))
+    sink.close()
+    sink = TensorBoardSink(tmp_path / "tb", resume_step=None)
+    sink.write(record(2, 3.0))
+    sink.close()
+    assert scalars(tmp_path / "tb", "loss/train") == [(2, 3.0)]

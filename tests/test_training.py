@@ -15,7 +15,6 @@ from sbm_transformer import training
 from sbm_transformer.checkpoint import CheckpointError, load_checkpoint
 from sbm_transformer.cli import main
 from sbm_transformer.config import apply_overrides, preset
-from sbm_transformer.tensorboard import read_scalars
 from sbm_transformer.training import RunDirError, evaluate_run, train
 
 SMALL = [
@@ -71,8 +70,12 @@ def test_run_directory_contents(tmp_path) -> None:
         and len(saved["test_density_per_layer_head"][0]) == 2
     )
     assert 0 < saved["test_density"] < 1
-    tags = {t for t, _, _ in read_scalars(run / "tensorboard")}
-    assert {"loss/train", "accuracy/val", "density/train"} <= tags
+    events = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    acc = events.EventAccumulator(str(run / "tensorboard"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"loss/train", "accuracy/val", "density/train", "density_val/layer1_head1"} <= tags
+    assert [e.step for e in acc.Scalars("accuracy/val")] == [4, 8, 12]
     state, step = load_checkpoint(run / "checkpoints", "last")
     assert step == 12 and "model" in state and "optimizer" in state
 
@@ -100,7 +103,7 @@ def assert_same_run(a, b) -> None:
 def interrupt_at(monkeypatch, calls_to_interrupt: dict[int, int]) -> None:
     """Send this process SIGINT (``count`` times) from ``make_batch`` call number ``n``."""
     calls = {"n": 0}
-    real = training.make_batch
+    real = training.step.make_batch  # used by the step, the evaluation and the warm-up
 
     def interrupting(*args, **kwargs):
         calls["n"] += 1
@@ -108,7 +111,7 @@ def interrupt_at(monkeypatch, calls_to_interrupt: dict[int, int]) -> None:
             os.kill(os.getpid(), signal.SIGINT)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(training, "make_batch", interrupting)
+    monkeypatch.setattr(training.step, "make_batch", interrupting)
 
 
 def exact_config():
@@ -431,7 +434,7 @@ def test_reschedule_sets_the_next_rate_from_the_new_schedule() -> None:
         (["train.batch_size=200"], "the training split has 96 examples, fewer than"),
         (["data.val_size=0"], "the val split is empty"),
         (["data.dir=/nonexistent/data"], "data.dir /nonexistent/data does not exist"),
-        (["model.attention=flash"], "unknown model.attention 'flash'"),
+        (["model.attention=flash"], "invalid value 'flash' for model.attention; valid: sbm,"),
     ],
 )
 def test_user_errors_are_one_line_and_leave_no_run_directory(
@@ -484,7 +487,7 @@ def test_unwritable_run_directory_is_one_line(tmp_path, capsys) -> None:
 
 
 def test_compare_plan_skips_resumes_and_starts(tmp_path) -> None:
-    from sbm_transformer.cli import plan_comparison_run
+    from sbm_transformer.compare import plan_comparison_run
 
     cfg = config("softmax")
 

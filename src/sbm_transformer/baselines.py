@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from sbm_transformer.mechanisms import AttentionResult
+from sbm_transformer.attention_result import AttentionResult
 
 __all__ = ["LinearAttention", "LinformerAttention", "NystromAttention", "PerformerAttention"]
 

@@ -8,10 +8,9 @@ models share data, seed and every setting but the attention; the demo prints the
 
 from __future__ import annotations
 
-from argparse import Namespace
 from pathlib import Path
 
-from sbm_transformer.config import preset
+from sbm_transformer.compare import compare, comparison_configs
 
 #: The repeated-tokens setting shared by the demo and docs/results.md (section a).
 REPEAT_TASK = [
@@ -41,13 +40,9 @@ def demo_config(quick: bool = False) -> list[str]:
 
 
 def run_demo(out: Path, *, quick: bool = False, quiet: bool = False) -> None:
-    from sbm_transformer.cli import _compare
-
-    preset("tiny", "repeat")  # fails early with a clear message if the preset is unknown
-    args = Namespace(
-        task="repeat", preset="tiny", config=None, set=demo_config(quick), eval_samples=None,
-        quiet=quiet, overwrite=True, out=str(out),
-    )  # fmt: skip
+    """Train the demo's two runs under ``out`` (replacing an earlier demo there) and print the
+    comparison table."""
+    configs = comparison_configs("repeat", ["sbm", "softmax"], overrides=demo_config(quick))
     print(
         "sbm-transformer demo: SBM attention vs full softmax attention on the repeated-tokens "
         "task\n"
@@ -55,7 +50,10 @@ def run_demo(out: Path, *, quick: bool = False, quiet: bool = False) -> None:
         "so always answering 'yes' scores 0.58. Two small models, 2500 steps each: about 5 "
         "minutes.\n"
     )
-    _compare(args, ["sbm", "softmax"], title="repeated tokens: SBM vs full attention")
+    compare(
+        configs, out, overwrite=True, quiet=quiet,
+        title="repeated tokens: SBM vs full attention",
+    )  # fmt: skip
     print(
         f"\nper-run plots: {out}/sbm/plots/ (curves.png; density.png: the learned density per "
         "layer and head; graph.png: a sampled graph next to its edge probabilities)"

@@ -13,31 +13,19 @@ Names (:data:`ATTENTIONS`): ``sbm`` (this package), ``softmax`` (full attention 
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from sbm_transformer.attention import DEFAULT_RATE_SCALE, SBMAttention
-from sbm_transformer.graph import Graph
-
-
-@dataclass
-class AttentionResult:
-    """What every mechanism returns.
-
-    Attributes:
-        output: ``(B, N, E)``.
-        density: ``(H,)`` differentiable edge density per head for sampled-graph mechanisms
-            (SBM), else None. The training loss adds ``w * mean(density)`` over layers.
-        graph: the sampled graph (SBM), else None.
-    """
-
-    output: Tensor
-    density: Tensor | None = None
-    graph: Graph | None = None
+from sbm_transformer.attention_result import AttentionResult
+from sbm_transformer.baselines import (
+    LinearAttention,
+    LinformerAttention,
+    NystromAttention,
+    PerformerAttention,
+)
 
 
 def _check_options(name: str, options: dict[str, Any], allowed: tuple[str, ...]) -> None:
@@ -124,26 +112,15 @@ class NoAttention(nn.Module):
         return AttentionResult(torch.zeros_like(x))
 
 
-def _baselines() -> dict[str, type[nn.Module]]:
-    from sbm_transformer import baselines
-
-    return {
-        "linear": baselines.LinearAttention,
-        "performer": baselines.PerformerAttention,
-        "linformer": baselines.LinformerAttention,
-        "nystromformer": baselines.NystromAttention,
-    }
-
-
 #: Constructors by name: ``(dim, heads, *, causal, dropout, max_len, **options)``.
-ATTENTIONS: dict[str, Callable[[], type[nn.Module]]] = {
-    "sbm": lambda: SBMSelfAttention,
-    "softmax": lambda: SoftmaxAttention,
-    "linear": lambda: _baselines()["linear"],
-    "performer": lambda: _baselines()["performer"],
-    "linformer": lambda: _baselines()["linformer"],
-    "nystromformer": lambda: _baselines()["nystromformer"],
-    "none": lambda: NoAttention,
+ATTENTIONS: dict[str, type[nn.Module]] = {
+    "sbm": SBMSelfAttention,
+    "softmax": SoftmaxAttention,
+    "linear": LinearAttention,
+    "performer": PerformerAttention,
+    "linformer": LinformerAttention,
+    "nystromformer": NystromAttention,
+    "none": NoAttention,
 }
 
 #: Fraction of query-key pairs that each mechanism without a sampled graph mixes: every pair (the
@@ -185,7 +162,7 @@ def build_attention(
             f"attention {name!r} cannot be causal; causal attentions: "
             f"{', '.join(CAUSAL_ATTENTIONS)}"
         )
-    cls = ATTENTIONS[name]()
+    cls = ATTENTIONS[name]
     try:
         return cls(dim, heads, causal=causal, dropout=dropout, max_len=max_len, **options)
     except TypeError as err:
