@@ -344,3 +344,13 @@ def test_repeat_preset_has_balanced_labels(name: str) -> None:
 
     d = preset(name, "repeat").data
     assert 0.5 < repeat_rate(d.vocab, d.min_length, d.max_length) < 0.65  # not ~99 % ones
+
+
+def test_off_is_a_choice_not_a_boolean(tmp_path) -> None:
+    # YAML 1.1 reads "off" as false; train.amp's choice "off" is meant
+    cfg = apply_overrides(preset("tiny", "listops"), ["train.amp=off"])
+    assert cfg.train.amp == "off"
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  amp: off\n")
+    assert load_yaml(preset("tiny", "listops"), path).train.amp == "off"
+    assert from_dict(yaml.safe_load(cfg.to_yaml())).train.amp == "off"

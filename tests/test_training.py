@@ -566,3 +566,29 @@ def test_resume_of_a_comparison_directory_points_to_compare(tmp_path, capsys) ->
         f"runs sbm of a comparison: continue it with sbmt compare ... --out {tmp_path / 'cmp'}"
         in (capsys.readouterr().err)
     )
+
+
+@pytest.mark.parametrize("backend", ["sparse-numba", "sparse-torch"])
+def test_bf16_autocast_on_the_cpu_with_the_sparse_backends(tmp_path, backend) -> None:
+    from sbm_transformer.compare import comparison_table
+    from sbm_transformer.mechanisms import SBMSelfAttention
+
+    cfg = config(extra=["train.amp=bf16", f"model.backend={backend}", "train.steps=4"])
+    task, splits, model = training.build(cfg, torch.device("cpu"))
+    seen: list[torch.dtype] = []
+    for m in model.modules():
+        if isinstance(m, SBMSelfAttention):
+            m.register_forward_hook(lambda mod, args, out: seen.append(out.output.dtype))
+    autocast, needs_scaler = training.autocast_context("bf16", torch.device("cpu"))
+    optimizer = torch.optim.AdamW(model.parameters())
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, training.lr_lambda(1, 4))
+    stats = training.train_step(
+        model, optimizer, scheduler, None, autocast, splits["train"], task.kind,
+        torch.arange(16), cfg.train, 0, torch.device("cpu"),
+    )  # fmt: skip
+    assert not needs_scaler and seen and set(seen) == {torch.bfloat16}
+    assert torch.isfinite(torch.tensor(stats.loss)) and stats.density is not None
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # autocast, not bf16 weights
+    summary = train(cfg, tmp_path / "run", quiet=True, echo=lambda s: None)
+    assert summary["amp"] == "bf16" and 0 < summary["test_density"] < 1
+    assert "| bf16 autocast |" in comparison_table([summary])
