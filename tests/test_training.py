@@ -103,7 +103,7 @@ def assert_same_run(a, b) -> None:
 def interrupt_at(monkeypatch, calls_to_interrupt: dict[int, int]) -> None:
     """Send this process SIGINT (``count`` times) from ``make_batch`` call number ``n``."""
     calls = {"n": 0}
-    real = training.step.make_batch  # used by the step, the evaluation and the warm-up
+    real = training.step.make_batch
 
     def interrupting(*args, **kwargs):
         calls["n"] += 1
@@ -111,7 +111,8 @@ def interrupt_at(monkeypatch, calls_to_interrupt: dict[int, int]) -> None:
             os.kill(os.getpid(), signal.SIGINT)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(training.step, "make_batch", interrupting)
+    monkeypatch.setattr(training.step, "make_batch", interrupting)  # steps
+    monkeypatch.setattr(training.evaluation, "make_batch", interrupting)  # evaluation, warm-up
 
 
 def exact_config():

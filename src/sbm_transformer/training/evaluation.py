@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from sbm_transformer.config import RunConfig
 from sbm_transformer.data.base import IGNORE_INDEX, SequenceData, TaskInfo
 from sbm_transformer.models import ModelOutput, is_stochastic, set_sampling_seed
-from sbm_transformer.training import step as _step
+from sbm_transformer.training.step import make_batch, rng_state, set_rng_state, task_loss
 from sbm_transformer.training.distributed import Distributed
 
 
@@ -67,7 +67,7 @@ def evaluate(
     density_sum: Tensor | None = None
     density_n = 0
     for done, bi in enumerate(mine):
-        batch = _step.make_batch(data, batches[bi], task.kind).to(device)
+        batch = make_batch(data, batches[bi], task.kind).to(device)
         probs = None
         for s in range(samples):
             set_sampling_seed(model, cfg.train.eval_seed + 7919 * s + 104729 * bi)
@@ -135,12 +135,12 @@ def warm_up(
     measured, so that the first run of a process (in ``sbmt compare``, the first attention) is
     not charged for them. ``model`` and every random state are left as they were.
     """
-    state = _step.rng_state()
+    state = rng_state()
     clone = copy.deepcopy(model).train()
-    batch = _step.make_batch(data, torch.arange(min(2, len(data))), kind).to(device)
+    batch = make_batch(data, torch.arange(min(2, len(data))), kind).to(device)
     with autocast():
         out: ModelOutput = clone(batch.tokens, batch.padding_mask)
-    loss, _, _ = _step.task_loss(out.logits, batch.labels)
+    loss, _, _ = task_loss(out.logits, batch.labels)
     density = out.mean_density()
     (loss if density is None else loss + density.float()).backward()
     optimizer = torch.optim.AdamW(clone.parameters())
@@ -148,4 +148,4 @@ def warm_up(
     optimizer.step()
     with torch.no_grad(), autocast():
         clone.eval()(batch.tokens, batch.padding_mask)
-    _step.set_rng_state(state)
+    set_rng_state(state)
