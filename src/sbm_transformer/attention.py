@@ -188,19 +188,7 @@ class SBMAttention(nn.Module):
 
     def _initial_scale(self, density: float) -> float:
         """The scale whose initial expected density is ``density`` (memberships near 1/2)."""
-        if isinstance(density, bool) or not isinstance(density, (int, float)):
-            raise TypeError(f"init_density must be a float, got {type(density).__name__}")
-        if not 0.0 < density < 1.0:
-            raise ValueError(f"init_density must be in (0, 1), got {density}")
-        rate = rate_for_probability(density, self.distribution) - self.exploration
-        if rate <= 0:
-            floor = float(edge_probability_of_rate(self.exploration, self.distribution))
-            raise ValueError(
-                f"init_density={density} is at or below the exploration floor "
-                f"(exploration={self.exploration} gives density {floor:.4g}); "
-                "lower exploration or raise init_density"
-            )
-        return 4.0 * rate  # memberships ~1/2 at init and B sums to 1, so lambda ~ scale / 4
+        return initial_rate_scale(density, self.distribution, self.exploration)
 
     def extra_repr(self) -> str:
         parts = [
@@ -333,6 +321,32 @@ class SBMAttention(nn.Module):
         b, _, n, _ = out.shape
         out = out.transpose(1, 2).reshape(b, n, self.embed_dim)
         return self.out_proj(out), stats
+
+
+def initial_rate_scale(density: float, distribution: str, exploration: float) -> float:
+    """The rate scale whose expected edge density at initialisation is ``density``.
+
+    Args:
+        density: target density in (0, 1); must exceed the exploration floor.
+        distribution: ``"poisson"`` or ``"bernoulli"``, the law of the sampled edges.
+        exploration: rate ``eps`` of the uniform exploration layer.
+
+    Returns:
+        ``s`` such that a head with memberships near 1/2 (as at initialisation) has this density.
+    """
+    if isinstance(density, bool) or not isinstance(density, (int, float)):
+        raise TypeError(f"init_density must be a float, got {type(density).__name__}")
+    if not 0.0 < density < 1.0:
+        raise ValueError(f"init_density must be in (0, 1), got {density}")
+    rate = rate_for_probability(density, distribution) - exploration
+    if rate <= 0:
+        floor = float(edge_probability_of_rate(exploration, distribution))
+        raise ValueError(
+            f"init_density={density} is at or below the exploration floor "
+            f"(exploration={exploration} gives density {floor:.4g}); "
+            "lower exploration or raise init_density"
+        )
+    return 4.0 * rate  # memberships ~1/2 at init and B sums to 1, so lambda ~ scale / 4
 
 
 #: :func:`_sigmoid_product` works by row blocks of about this many bytes of its result.
