@@ -297,9 +297,9 @@ def apply_dict(cfg: RunConfig, values: dict[str, Any], *, source: str = "config"
             tp = _TYPES[section].get(name)
             if tp is int and isinstance(value, float) and value.is_integer():
                 value = int(value)  # 128.0 is 128; 0.5 is refused
-            elif isinstance(value, bool) and "off" in (_choices(tp) or ()):
+            elif value is False and "off" in (_choices(tp) or ()):
                 # YAML 1.1 reads `off` (and no, false) as False: `amp: off` is the choice "off"
-                value = "off" if not value else value
+                value = "off"
             elif isinstance(value, str):
                 if value == "???":  # OmegaConf's "missing" marker
                     raise ValueError(f"{source}: {section}.{name}: '???' is not a value")

@@ -36,8 +36,8 @@ try:
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 except ImportError as error:  # pragma: no cover - depends on the environment
     raise ImportError(
-        "sbm_transformer.integrations.huggingface needs transformers>=4.56: "
-        'pip install -e ".[hf]" (or pip install "transformers>=4.56")'
+        "sbm_transformer.integrations.huggingface needs transformers>=5 (GPT-2, Llama and "
+        'Qwen2 work from 4.56): pip install -e ".[hf]" (or pip install "transformers>=5")'
     ) from error
 
 from sbm_transformer.attention import DEFAULT_RATE_SCALE, _sigmoid_product, initial_rate_scale

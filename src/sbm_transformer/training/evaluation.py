@@ -14,8 +14,8 @@ from torch import Tensor, nn
 from sbm_transformer.config import RunConfig
 from sbm_transformer.data.base import IGNORE_INDEX, SequenceData, TaskInfo
 from sbm_transformer.models import ModelOutput, is_stochastic, set_sampling_seed
-from sbm_transformer.training.step import make_batch, rng_state, set_rng_state, task_loss
 from sbm_transformer.training.distributed import Distributed
+from sbm_transformer.training.step import make_batch, rng_state, set_rng_state, task_loss
 
 
 @dataclass
