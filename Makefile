@@ -12,12 +12,12 @@ PYTHON313 ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.13*/bin/python3.13
 VENV313 := .venv313
 STAMP313 := $(VENV313)/.installed
 
-.PHONY: demo test test-slow test-py313 bench lint format clean
+.PHONY: demo test test-slow test-py313 bench gpu-check lint format clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[dev,numba,hf,tensorboard]"
+	$(PY) -m pip install -q -e ".[dev,numba,hf,tensorboard,triton]"
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -29,7 +29,7 @@ test: $(STAMP)
 $(STAMP313): pyproject.toml
 	$(PYTHON313) -m venv $(VENV313)
 	$(VENV313)/bin/python -m pip install -q "$(TORCH_SPEC)"
-	$(VENV313)/bin/python -m pip install -q -e ".[dev,numba,hf,tensorboard]"
+	$(VENV313)/bin/python -m pip install -q -e ".[dev,numba,hf,tensorboard,triton]"
 	touch $(STAMP313)
 
 test-py313: $(STAMP313)
@@ -40,6 +40,10 @@ test-slow: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/attention.py
+
+# On a machine with a CUDA GPU: the CUDA tests and the GPU benchmark (docs/benchmarks-gpu.md).
+gpu-check:
+	bash benchmarks/gpu_check.sh
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
