@@ -63,8 +63,8 @@ class SBMAttention(nn.Module):
         exploration: rate ``eps`` of the uniform exploration layer (paper: 0.01). It adds about
             ``eps * M`` edges per query, a quadratic floor: use 0 or a tiny value for long inputs.
         causal: queries attend only to keys at positions ``<=`` their own (self-attention).
-        backend: ``"auto"``, ``"dense"``, ``"sparse"``, ``"sparse-torch"`` or ``"sparse-numba"``
-            (see :data:`~sbm_transformer.functional.BACKENDS`).
+        backend: ``"auto"``, ``"dense"``, ``"sparse"``, ``"sparse-torch"``, ``"sparse-numba"``
+            or ``"sparse-triton"`` (see :data:`~sbm_transformer.functional.BACKENDS`).
         bias: add biases to the input and output projections.
         kdim, vdim: feature sizes of key and value inputs (default ``embed_dim``).
         distribution: ``"poisson"`` (the paper's fastRG graph: P = 1 - exp(-(rate + eps))) or

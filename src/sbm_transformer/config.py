@@ -33,7 +33,7 @@ AttentionName = Literal[
     "sbm", "softmax", "linear", "performer", "linformer", "nystromformer", "none"
 ]
 #: ``functional.BACKENDS``.
-BackendName = Literal["auto", "dense", "sparse", "sparse-torch", "sparse-numba"]
+BackendName = Literal["auto", "dense", "sparse", "sparse-torch", "sparse-numba", "sparse-triton"]
 #: ``attention.SBM_FORMS``.
 SBMForm = Literal["default", "paper", "original"]
 #: ``sampling.DISTRIBUTIONS``.

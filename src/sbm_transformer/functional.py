@@ -22,9 +22,11 @@ from sbm_transformer.sampling import _check_sbm_inputs, check_distribution, samp
 __all__ = ["BACKENDS", "MembershipInputs", "SBMStats", "attend", "sbm_attention"]
 
 #: Accepted values of ``backend``. ``"sparse"`` picks the fastest sparse kernels for the device
-#: (numba on CPU when installed, torch.sparse otherwise); ``"sparse-torch"``/``"sparse-numba"``
-#: force one. ``"auto"`` uses ``"dense"`` for tiny problems and ``"sparse"`` otherwise.
-BACKENDS = ("auto", "dense", "sparse", "sparse-torch", "sparse-numba")
+#: (Triton on CUDA when installed, numba on CPU when installed, torch.sparse otherwise);
+#: ``"sparse-torch"``/``"sparse-numba"``/``"sparse-triton"`` force one (Triton on CPU tensors
+#: only under ``TRITON_INTERPRET=1``, for tests). ``"auto"`` uses ``"dense"`` for tiny problems
+#: and ``"sparse"`` otherwise.
+BACKENDS = ("auto", "dense", "sparse", "sparse-torch", "sparse-numba", "sparse-triton")
 
 #: ``"auto"`` runs the dense backend when B*H*N*M is at most this (where it is faster).
 AUTO_DENSE_MAX_PAIRS = 64 * 64 * 4

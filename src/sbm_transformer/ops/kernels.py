@@ -14,11 +14,15 @@ Two implementations of the same two operations, on the stacked layout (query row
   count.
 
 :class:`TorchKernels` runs wherever torch.sparse does (CPU with MKL, CUDA with cuSPARSE);
-:class:`NumbaKernels` fuses each direction into one parallel loop on the CPU.
+:class:`NumbaKernels` fuses each direction into one parallel loop on the CPU;
+:class:`~sbm_transformer.ops._triton_kernels.TritonKernels` (optional, ``triton``) does the same
+on a GPU (and on the CPU under ``TRITON_INTERPRET=1``, for tests).
 """
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import warnings
 from collections.abc import Callable
 from typing import NamedTuple, Protocol, TypeVar, cast
@@ -52,7 +56,8 @@ class Softmax(NamedTuple):
     """The edges' softmax, as forward leaves it: ``pi_e = weights[e] * row_scale[r]`` for edge e
     of row r. ``weights`` (E,) ``exp(s_e - max of row r)``, ``row_scale`` (R,) ``1 / sum`` of the
     row's weights (0 for a row without edges). Normalising in place would take one more pass
-    over every edge."""
+    over every edge. Only the same kernels' backward reads it: the Triton kernels keep no
+    weights (empty) and each row's log-sum-exp in ``row_scale``, recomputing ``pi_e``."""
 
     weights: Tensor
     row_scale: Tensor
@@ -505,11 +510,57 @@ def _drop(drop: Tensor | None, graph: Graph, lay: Layout, like: Tensor) -> np.nd
 _TORCH = TorchKernels()
 _NUMBA = NumbaKernels()
 
+#: Dtypes ``"auto"`` hands to the Triton kernels on a GPU (float64 stays with cuSPARSE; the
+#: Triton kernels take it when asked by name).
+_TRITON_AUTO_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@functools.cache
+def triton_available() -> bool:
+    """Whether triton is installed and imports (tried once, when first asked)."""
+    if importlib.util.find_spec("triton") is None:
+        return False
+    try:
+        import triton  # noqa: F401
+    except Exception:  # a broken install (no compiler, mismatched torch): use the others
+        return False
+    return True
+
+
+def _triton() -> Kernels:
+    from sbm_transformer.ops._triton_kernels import TRITON
+
+    return TRITON
+
+
+def _auto_triton(*tensors: Tensor) -> bool:
+    """``"auto"`` on CUDA tensors of float16, bfloat16 or float32, with triton importable."""
+    return (
+        bool(tensors)
+        and all(t.device.type == "cuda" for t in tensors)
+        and tensors[0].dtype in _TRITON_AUTO_DTYPES
+        and triton_available()
+    )
+
 
 def get_kernels(name: str, *tensors: Tensor) -> Kernels:
-    """Kernels by name: ``"torch"``, ``"numba"``, or ``"auto"`` (numba on CPU if installed)."""
+    """Kernels by name: ``"torch"``, ``"numba"``, ``"triton"``, or ``"auto"`` (Triton on CUDA
+    tensors when triton is installed, numba on CPU tensors when it is, torch.sparse otherwise).
+
+    ``"triton"`` on CPU tensors runs the Triton interpreter and needs ``TRITON_INTERPRET=1``
+    (a ValueError says so otherwise)."""
     if name == "torch":
         return _TORCH
+    if name == "triton":
+        if not triton_available():
+            raise ValueError(
+                "the Triton kernels need triton installed and importable "
+                "(pip install 'sbm-transformer[triton]')"
+            )
+        from sbm_transformer.ops._triton_kernels import kernels_for
+
+        kernels_for(*tensors)  # CPU tensors without the interpreter: a clear error
+        return _triton()
     if name == "numba":
         if not use_numba(*tensors):
             raise ValueError(
@@ -518,5 +569,7 @@ def get_kernels(name: str, *tensors: Tensor) -> Kernels:
             )
         return _NUMBA
     if name == "auto":
+        if _auto_triton(*tensors):
+            return _triton()
         return _NUMBA if use_numba(*tensors) else _TORCH
-    raise ValueError(f"unknown kernels {name!r}; expected 'auto', 'torch' or 'numba'")
+    raise ValueError(f"unknown kernels {name!r}; expected 'auto', 'torch', 'numba' or 'triton'")

@@ -10,7 +10,8 @@ between forward and backward) and its speed.
 * ``sbmt::sample_csr``: the graph's CSR arrays; the number of edges is data-dependent (an
   unbacked size in the fake implementation). The seed comes in as a tensor, drawn by the caller.
 * ``sbmt::edge_attention`` / ``sbmt::edge_attention_backward``: the kernels' forward and
-  backward passes, which :class:`~sbm_transformer.ops.sparse._CompiledSBMEdgeAttention` (an
+  backward passes (the kernels named by the ``kernels`` argument: ``"torch"``, ``"numba"`` or
+  ``"triton"``), which :class:`~sbm_transformer.ops.sparse._CompiledSBMEdgeAttention` (an
   autograd Function dynamo traces) calls; the estimator's remaining products are plain torch.
   Optional tensors that are absent are passed and returned as empty tensors.
 """
@@ -118,7 +119,8 @@ def edge_attention(
     """Forward of the edge attention on flat ``q`` (R, D), ``k`` (C, D), ``v`` (C, Dv): ``out``
     (R, Dv) and the softmax (``weights`` (E,), ``row_scale`` (R,)); ``drop`` empty for none."""
     if col.numel() == 0:  # no edges: zeros (the kernels assume at least one)
-        return q.new_zeros(q.shape[0], v.shape[1]), q.new_zeros(0), q.new_zeros(q.shape[0])
+        weights, row_scale = _softmax_like(q, 0, kernels)
+        return q.new_zeros(q.shape[0], v.shape[1]), weights.zero_(), row_scale.zero_()
     graph = _graph(crow, col, shape, tile_shift)
     kern = get_kernels(kernels, q)
     with torch.autocast(q.device.type, enabled=False):
@@ -128,7 +130,17 @@ def edge_attention(
 
 @edge_attention.register_fake
 def _(q, k, v, crow, col, drop, shape, tile_shift, scale, kernels):
-    return q.new_empty(q.shape[0], v.shape[1]), q.new_empty(col.shape[0]), q.new_empty(q.shape[0])
+    return q.new_empty(q.shape[0], v.shape[1]), *_softmax_like(q, col.shape[0], kernels)
+
+
+def _softmax_like(q: Tensor, edges: int, kernels: str) -> tuple[Tensor, Tensor]:
+    """Uninitialised tensors shaped like the softmax the kernels' forward returns: a weight per
+    edge and a scale per row in q's dtype; the Triton kernels' holds no weights and a
+    log-sum-exp per row in their accumulation dtype (see ``TritonKernels``)."""
+    if kernels == "triton":
+        acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+        return q.new_empty(0, dtype=acc), q.new_empty(q.shape[0], dtype=acc)
+    return q.new_empty(edges), q.new_empty(q.shape[0])
 
 
 @torch.library.custom_op("sbmt::edge_attention_backward", mutates_args=())
