@@ -16,6 +16,9 @@ method and size: the growth of the peak resident set (Linux ``VmHWM``) during on
 CUDA allocator's peak on a GPU.
 
 Run ``sbmt bench attention`` (or ``python benchmarks/attention.py``); ``--quick`` for a smoke run.
+``--device cuda`` (or ``--suite gpu``) runs the GPU benchmark instead
+(:mod:`sbm_transformer.bench_gpu`: Triton and torch.sparse SBM kernels, flash SDPA,
+FlexAttention; its own options and defaults).
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -39,6 +42,9 @@ from sbm_transformer._memory import PeakMemory
 from sbm_transformer._numba import numba_enabled
 from sbm_transformer.attention import SBMAttention
 from sbm_transformer.sampling import DISTRIBUTIONS, sample_graph
+
+if TYPE_CHECKING:
+    from sbm_transformer.bench_gpu import GpuRow
 
 METHODS = ("sparse", "sdpa", "dense")
 
@@ -574,7 +580,23 @@ def build_cases(
     )
 
 
-def run(argv: Sequence[str] | None = None, log: Callable[[str], None] = print) -> list[Row]:
+def gpu_suite(argv: Sequence[str]) -> bool:
+    """Whether ``argv`` asks for the GPU benchmark: ``--suite gpu``, or ``--device cuda...``
+    without ``--suite cpu``."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--suite", choices=["auto", "cpu", "gpu"], default="auto")
+    p.add_argument("--device", default="cpu")
+    known, _ = p.parse_known_args(argv)
+    return known.suite == "gpu" or (known.suite == "auto" and known.device.startswith("cuda"))
+
+
+def run(
+    argv: Sequence[str] | None = None, log: Callable[[str], None] = print
+) -> list[Row] | list[GpuRow]:
+    if gpu_suite(list(sys.argv[1:] if argv is None else argv)):
+        from sbm_transformer import bench_gpu
+
+        return bench_gpu.run(argv, log)
     p = argparse.ArgumentParser(prog="sbmt bench attention", description=__doc__.split("\n\n")[0])
     p.add_argument("--sizes", type=int, nargs="+", default=[1024, 4096, 16384, 65536])
     p.add_argument("--edges-per-query", type=float, nargs="*", default=[32, 128])
@@ -592,6 +614,10 @@ def run(argv: Sequence[str] | None = None, log: Callable[[str], None] = print) -
     p.add_argument("--dense-max-n", type=int, default=4096)
     p.add_argument("--max-edges", type=int, default=120_000_000)
     p.add_argument("--device", default="cpu")
+    p.add_argument(
+        "--suite", choices=["auto", "cpu", "gpu"], default="auto",
+        help="gpu: the GPU benchmark (the default with --device cuda; see --suite gpu --help)",
+    )  # fmt: skip
     p.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16"])
     p.add_argument(
         "--distribution", default="poisson", choices=DISTRIBUTIONS, help="of the sparse method"
