@@ -208,13 +208,43 @@ def _check_kernels(kern, graph, q, k, v, go, ste, drop, rtol: float) -> None:
         assert err <= rtol * b.abs().max() + 1e-6, f"{name}: {err:.2e} of {b.abs().max():.2e}"
 
 
+def test_autocast_hands_the_kernels_bfloat16(interpreter, monkeypatch) -> None:
+    """Under bf16 autocast, SBMAttention passes bfloat16 q, k, v to the Triton kernels as they
+    are (half the gathered bytes of float32) and matches the float32 torch.sparse path to bf16
+    rounding, values and input gradients (same graph, same dropout mask)."""
+    from sbm_transformer.ops import _triton_kernels as tk
+
+    seen: list[torch.dtype] = []
+    forward = tk.TritonKernels.forward
+
+    def spy(self, graph, q, k, v, drop, scale):
+        seen.append(q.dtype)
+        return forward(self, graph, q, k, v, drop, scale)
+
+    monkeypatch.setattr(tk.TritonKernels, "forward", spy)
+    torch.manual_seed(0)
+    outs, grads = [], []
+    state = SBMAttention(32, 2, num_clusters=8).state_dict()
+    for backend in (BACKEND, "sparse-torch"):
+        attn = SBMAttention(32, 2, num_clusters=8, backend=backend, dropout=0.1)
+        attn.load_state_dict(state)
+        x = torch.randn(2, 24, 32, generator=torch.Generator().manual_seed(2), requires_grad=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out, _ = attn(x, generator=torch.Generator().manual_seed(1))
+        out.float().pow(2).mean().backward()
+        outs.append(out.float())
+        grads.append(x.grad)
+    assert seen == [torch.bfloat16]
+    torch.testing.assert_close(outs[0], outs[1], rtol=2e-2, atol=4e-3)
+    torch.testing.assert_close(grads[0], grads[1], rtol=2e-2, atol=2e-5)
+
+
 @pytest.mark.parametrize(
     ("dtype", "d", "rtol"),
     [(torch.bfloat16, 24, 2e-2), (torch.float16, 16, 4e-3), (torch.float32, 64, 1e-5)],
 )
 def test_half_precision_inputs(interpreter, dtype: torch.dtype, d: int, rtol: float) -> None:
-    """The kernels called directly with float16/bfloat16 tensors (``attend`` hands them float32):
-    float32 accumulation, outputs and gradients in the inputs' dtype, straight-through
+    """The kernels called directly with float16/bfloat16 tensors: float32 accumulation, outputs and gradients in the inputs' dtype, straight-through
     products in the memberships'."""
     kern = get_kernels("triton", torch.empty(0))
     _check_kernels(kern, *_kernel_case(dtype, d), rtol=rtol)

@@ -188,6 +188,11 @@ def sbm_attention(
     )  # fmt: skip
 
 
+def _reads_half(kernels: object, dtype: torch.dtype) -> bool:
+    """Whether ``kernels`` take q, k, v of ``dtype`` (float16, bfloat16) without conversion."""
+    return dtype in (torch.float16, torch.bfloat16) and getattr(kernels, "name", "") == "triton"
+
+
 def attend(
     q: Tensor,
     k: Tensor,
@@ -247,13 +252,19 @@ def attend(
         u = _uniforms(graph.col_indices.shape[0], generator, q.device)
         drop = (u >= dropout_p).to(q.dtype) / (1.0 - dropout_p)
 
+    if backend == "auto":
+        backend = "dense" if bsz * heads * n * m <= AUTO_DENSE_MAX_PAIRS else "sparse"
+    kernels = None
+    if backend != "dense":
+        kernels = get_kernels(backend.removeprefix("sparse-") if "-" in backend else "auto", q)
     work = torch.promote_types(q.dtype, torch.float32)
-    qw, kw, vw = q.to(work), k.to(work), v.to(work)
+    # The Triton kernels read half-precision q, k, v as they are (accumulating in float32):
+    # converting first would double the bytes they gather. The others compute in float32.
+    qkv = q.dtype if _reads_half(kernels, q.dtype) else work
+    qw, kw, vw = q.to(qkv), k.to(qkv), v.to(qkv)
     Yw, Zw, Bw = Y.to(work), Z.to(work), Bx.to(work)
     dropw = None if drop is None else drop.to(work)
 
-    if backend == "auto":
-        backend = "dense" if bsz * heads * n * m <= AUTO_DENSE_MAX_PAIRS else "sparse"
     feats = None
     if inputs is not None:
         feats = MembershipInputs(*(t.to(work) for t in inputs))
@@ -270,7 +281,7 @@ def attend(
         out = dense_edge_attention(qw, kw, vw, indicator, mask, scale, drop_dense)
         per_head = indicator.sum(dim=(2, 3))  # (B, H)
     else:
-        kernels = get_kernels(backend.removeprefix("sparse-") if "-" in backend else "auto", q)
+        assert kernels is not None
         out, per_head = sbm_edge_attention(
             qw, kw, vw, Yw, Zw, Bw, graph, scale=scale, kernels=kernels, drop=dropw,
             inputs=feats,
