@@ -244,8 +244,9 @@ def test_autocast_hands_the_kernels_bfloat16(interpreter, monkeypatch) -> None:
     [(torch.bfloat16, 24, 2e-2), (torch.float16, 16, 4e-3), (torch.float32, 64, 1e-5)],
 )
 def test_half_precision_inputs(interpreter, dtype: torch.dtype, d: int, rtol: float) -> None:
-    """The kernels called directly with float16/bfloat16 tensors: float32 accumulation, outputs and gradients in the inputs' dtype, straight-through
-    products in the memberships'."""
+    """The kernels called directly with float16/bfloat16 tensors: float32 accumulation,
+    outputs and gradients in the inputs' dtype, straight-through products in the
+    memberships'."""
     kern = get_kernels("triton", torch.empty(0))
     _check_kernels(kern, *_kernel_case(dtype, d), rtol=rtol)
 
