@@ -20,6 +20,8 @@ Sparsity and Cost", NeurIPS 2022, arXiv:2210.15541.
 from __future__ import annotations
 
 import math
+import struct
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -134,10 +136,26 @@ def check_sbm_values(**tensors: Tensor) -> None:
     A NaN or infinite rate would make the sampler draw without bound (a hang); a negative one
     has no meaning. One min/max pass per tensor (NaN propagates through both).
     """
-    for name, t in tensors.items():
+    values = _value_ranges(tensors).tolist()  # one host read for all the tensors
+    _raise_on_bad_values(list(tensors), values)
+
+
+def _value_ranges(tensors: dict[str, Tensor]) -> Tensor:
+    """float64 ``(2 * len(tensors),)``: each tensor's minimum and maximum (0, 0 when empty),
+    computed on the tensors' device without a host read."""
+    parts = []
+    for t in tensors.values():
         if t.numel() == 0:
-            continue
-        lo, hi = (float(v) for v in torch.aminmax(t.detach()))
+            parts.append(torch.zeros(2, dtype=torch.float64, device=t.device))
+        else:
+            parts.append(torch.stack(torch.aminmax(t.detach())).double())
+    return torch.cat(parts)
+
+
+def _raise_on_bad_values(names: list[str], values: list[float]) -> None:
+    """Raise for the first tensor whose (min, max) in ``values`` is NaN, inf or negative."""
+    for index, name in enumerate(names):
+        lo, hi = values[2 * index], values[2 * index + 1]
         what = f"{name} ({_SBM_TENSORS.get(name, name)})"
         if math.isnan(lo) or math.isnan(hi) or math.isinf(lo) or math.isinf(hi):
             kind = "NaN" if math.isnan(lo) or math.isnan(hi) else "inf"
@@ -334,9 +352,35 @@ def sample_graph(
     )  # fmt: skip
 
 
+class _SeedGenerator(torch.Generator):
+    """What :func:`seeded_generator` returns: a generator that keeps its seed as a tensor.
+
+    The torch sampler takes its random numbers from the seed tensor itself, so a seed on the
+    GPU is never read by the host; the numba sampler seeds the generator from the tensor's value
+    when it first needs it (:func:`_seeded`).
+    """
+
+    seed_tensor: Tensor
+    is_seeded: bool  # manual_seed called with the seed's value
+    seed_used: bool  # the seed tensor went to one torch sampler call (a second one draws anew)
+
+
 def seeded_generator(seed: Tensor, device: torch.device) -> torch.Generator:
-    """A generator on ``device`` seeded with the value of the one-element tensor ``seed``."""
-    return torch.Generator(device).manual_seed(int(seed.item()))
+    """A generator on ``device`` for :func:`sample_graph_eager`, seeded with the value of the
+    one-element tensor ``seed`` (read lazily: the torch sampler uses the tensor without reading
+    it, see :class:`_SeedGenerator`)."""
+    generator = _SeedGenerator(device)
+    generator.seed_tensor = seed
+    generator.is_seeded = generator.seed_used = False
+    return generator
+
+
+def _seeded(generator: torch.Generator | None) -> torch.Generator | None:
+    """``generator``, seeded now if it is a :func:`seeded_generator` not seeded yet."""
+    if isinstance(generator, _SeedGenerator) and not generator.is_seeded:
+        generator.manual_seed(int(generator.seed_tensor.item()))
+        generator.is_seeded = True
+    return generator
 
 
 def random_seed(generator: torch.Generator | None, device: torch.device) -> Tensor:
@@ -350,8 +394,9 @@ def random_seed(generator: torch.Generator | None, device: torch.device) -> Tens
 
 @torch.compiler.disable
 def _seed_from_generator(generator: torch.Generator) -> Tensor:
-    return torch.randint(0, 2**62, (1,), dtype=torch.int64, generator=generator).to(
-        generator.device
+    # drawn on the generator's own device (a CUDA generator cannot draw CPU numbers)
+    return torch.randint(
+        0, 2**62, (1,), dtype=torch.int64, generator=generator, device=generator.device
     )
 
 
@@ -370,6 +415,17 @@ def sample_graph_eager(
     """:func:`sample_graph` outside ``torch.compile`` (and inside its custom op)."""
     Bx = _check_sbm_inputs(Y, Z, B, exploration, key_padding_mask, causal)
     check_distribution(distribution)
+    if not use_numba(Y):  # the device-generic sampler: two host reads per call
+        if isinstance(generator, _SeedGenerator) and not (
+            generator.is_seeded or generator.seed_used
+        ):
+            seed, generator.seed_used = generator.seed_tensor, True
+        else:
+            seed = random_seed(_seeded(generator), Y.device)
+        return _sample_torch(
+            Y, Z, B, Bx, exploration, key_padding_mask, causal, seed, max_edges, distribution
+        )
+    generator = _seeded(generator)
     check_sbm_values(Y=Y, Z=Z, B=B)
     bsz, heads, n, _ = Y.shape
     m = Z.shape[2]
@@ -379,19 +435,29 @@ def sample_graph_eager(
                 Y, Z, B, exploration=exploration, key_padding_mask=key_padding_mask, causal=causal
             ).sum()
         )
-        if expected > max_edges:
-            raise ValueError(
-                f"expected number of edges {expected:.4g} exceeds max_edges={max_edges} "
-                f"(B={bsz}, H={heads}, N={n}, M={m}); lower the density or raise max_edges"
-            )
+        _check_max_edges(expected, max_edges, Y.shape, m)
     work = torch.promote_types(Y.dtype, torch.float32)  # bf16/fp16 -> fp32
     Yw, Zw, Bw = Y.to(work), _masked_keys(Z, key_padding_mask).to(work), Bx.to(work)
     if bsz * heads * n * m == 0:
-        crow = torch.zeros(bsz * heads * n + 1, dtype=torch.int32, device=Y.device)
-        return Graph(crow, crow.new_zeros(0), (bsz, heads, n, m))
+        return _empty_graph(Y.shape, m, Y.device)
     if distribution == "bernoulli":
         return _sample_bernoulli(Yw, Zw, Bw, exploration, key_padding_mask, causal, generator)
     return _sample_poisson(Yw, Zw, Bw, exploration, key_padding_mask, causal, generator)
+
+
+def _check_max_edges(expected: float, max_edges: int, shape: torch.Size, m: int) -> None:
+    if expected > max_edges:
+        bsz, heads, n, _ = shape
+        raise ValueError(
+            f"expected number of edges {expected:.4g} exceeds max_edges={max_edges} "
+            f"(B={bsz}, H={heads}, N={n}, M={m}); lower the density or raise max_edges"
+        )
+
+
+def _empty_graph(shape: torch.Size, m: int, device: torch.device) -> Graph:
+    bsz, heads, n, _ = shape
+    crow = torch.zeros(bsz * heads * n + 1, dtype=torch.int32, device=device)
+    return Graph(crow, crow.new_zeros(0), (bsz, heads, n, m))
 
 
 def _sample_poisson(
@@ -403,16 +469,14 @@ def _sample_poisson(
     causal: bool,
     generator: torch.Generator | None,
 ) -> Graph:
-    """The fastRG graph of checked inputs (Z already zero on padded keys, B expanded)."""
+    """The fastRG graph of checked inputs by the numba sampler (Z already zero on padded keys,
+    B expanded)."""
     bsz, heads, n, _ = Yw.shape
     m = Zw.shape[2]
     visible = _visible_counts(key_padding_mask, causal, bsz, n, m, Yw.device)
     valid = _valid_keys(key_padding_mask, bsz, m, Yw.device)
-    if use_numba(Yw):
-        crow, col, ptr = _sample_numba(Yw, Zw, Bw, exploration, causal, visible, valid, generator)
-        return Graph(crow, col, (bsz, heads, n, m), tile_shift=TILE_SHIFT, tile_pointers=ptr)
-    crow, col = _sample_torch(Yw, Zw, Bw, exploration, causal, visible, valid, generator)
-    return Graph(crow, col, (bsz, heads, n, m), tile_shift=0)  # torch.unique sorts
+    crow, col, ptr = _sample_numba(Yw, Zw, Bw, exploration, causal, visible, valid, generator)
+    return Graph(crow, col, (bsz, heads, n, m), tile_shift=TILE_SHIFT, tile_pointers=ptr)
 
 
 def _seed_from(generator: torch.Generator | None, device: torch.device) -> int:
@@ -462,83 +526,21 @@ def _sample_numba(
     return torch.from_numpy(crow), torch.from_numpy(col), tiles
 
 
-def _categorical(weights: Tensor, rows: Tensor, generator: torch.Generator | None) -> Tensor:
-    """For each entry of ``rows``, draw a column of ``weights`` (T, L) with probability ∝ the row.
-
-    One vectorised binary search over all rows: row ``t``'s normalised CDF is shifted by ``t``
-    so the concatenation is monotone (float64 keeps the resolution for T * L up to ~1e12).
-    """
-    t, length = weights.shape
-    cdf = weights.double().cumsum(1)
-    total = cdf[:, -1:]
-    cdf = torch.where(total > 0, cdf / total, torch.ones_like(cdf))
-    cdf += torch.arange(t, device=weights.device, dtype=torch.float64).unsqueeze(1)
-    u = torch.rand(rows.shape, generator=generator, device=weights.device, dtype=torch.float64)
-    target = rows.double() + u * (1.0 - 1e-12)
-    idx = torch.searchsorted(cdf.reshape(-1), target, right=True)
-    return torch.minimum(idx - rows * length, torch.full_like(idx, length - 1))
-
-
-def _sample_torch(
-    Y: Tensor,
-    Z: Tensor,
-    Bx: Tensor,
-    eps: float,
-    causal: bool,
-    visible: Tensor,
-    valid: Tensor,
-    generator: torch.Generator | None,
-) -> tuple[Tensor, Tensor]:
-    """Device-generic sampler from torch ops (used on GPUs and on CPUs without numba)."""
-    if causal:
-        return _sample_torch_causal(Y, Z, Bx, eps, visible, valid, _seed_from(generator, Y.device))
-    bsz, heads, n, k = Y.shape
-    m = Z.shape[2]
-    p = bsz * heads
-    dev = Y.device
-    Yf, Zf, Bf = Y.reshape(p, n, k), Z.reshape(p, m, k), Bx.reshape(p, k, k)
-    # fastRG: Poisson edge count per block pair (a, b), then query ~ Y[:, a], key ~ Z[:, b].
-    rates = Yf.sum(1).unsqueeze(2) * Bf * Zf.sum(1).unsqueeze(1)  # (P, K, K)
-    counts = torch.poisson(rates.double(), generator=generator).long().reshape(-1)
-    block = torch.repeat_interleave(torch.arange(p * k * k, device=dev), counts)  # (E0,)
-    pair, a, b = block // (k * k), (block // k) % k, block % k
-    qi = _categorical(Yf.transpose(1, 2).reshape(p * k, n), pair * k + a, generator)
-    kj = _categorical(Zf.transpose(1, 2).reshape(p * k, m), pair * k + b, generator)
-    # Exploration layer: Poisson(eps * #visible pairs) uniform draws among the visible pairs.
-    seq_total = visible.sum(1)  # (B,)
-    n_er = torch.poisson(
-        (eps * seq_total.double()).repeat_interleave(heads), generator=generator
-    ).long()
-    er_pair = torch.repeat_interleave(torch.arange(p, device=dev), n_er)
-    er_seq = er_pair // heads
-    u = torch.rand(er_pair.shape, generator=generator, device=dev, dtype=torch.float64)
-    flat = torch.minimum((u * seq_total[er_seq].double()).long(), seq_total[er_seq] - 1)
-    cum = visible.cumsum(1)  # (B, N), row i covers flat indices [cum[i] - visible[i], cum[i])
-    big = int(seq_total.max().item()) + 1 if bsz else 1
-    offs = torch.arange(bsz, device=dev).unsqueeze(1) * big
-    er_i = (
-        torch.searchsorted((cum + offs).reshape(-1), flat + er_seq * big, right=True) - er_seq * n
-    )
-    er_pos = flat - (cum[er_seq, er_i] - visible[er_seq, er_i])
-    er_j = valid[er_seq, er_pos]
-    # Collapse duplicates and sort by (pair, query, key).
-    key = torch.cat([(pair * n + qi) * m + kj, (er_pair * n + er_i) * m + er_j])
-    key = torch.unique(key)
-    rows = key // m
-    idt = index_dtype(key.numel(), p * max(n, m) + 1)
-    crow = torch.zeros(p * n + 1, dtype=idt, device=dev)
-    crow[1:] = torch.bincount(rows, minlength=p * n).cumsum(0)
-    return crow, (key % m).to(idt)
-
-
-# ------------------------------------------------------------------- strictly causal (torch)
-# Causal rows must not depend on later tokens, not even through the random stream: with one
-# shared generator, how many numbers earlier draws consume depends on every row's rates. So the
-# causal torch sampler takes its random numbers from a counter-based generator: SplitMix64 of
-# (seed, stream, element, draw), computed with int64 tensor arithmetic (which wraps modulo 2^64).
+# ------------------------------------------------------------ counter-based random numbers
+# The torch sampler's random numbers are SplitMix64 hashes of (seed, stream, element, draw),
+# computed with int64 tensor arithmetic (which wraps modulo 2^64): a draw depends on its own
+# counters only, so causal rows depend on earlier tokens only, and the seed can stay on the GPU
+# (a 0-dim tensor in the arithmetic, never read by the host).
 _GOLDEN = 0x9E3779B97F4A7C15 - 2**64
 _MIX1 = 0xBF58476D1CE4E5B9 - 2**64
 _MIX2 = 0x94D049BB133111EB - 2**64
+_STREAM = 0x632BE59BD9B4E019
+
+
+def _int64(x: int) -> int:
+    """``x`` modulo 2^64 as a signed int64 value."""
+    x &= 2**64 - 1
+    return x - 2**64 if x >= 2**63 else x
 
 
 def _srl(x: Tensor, bits: int) -> Tensor:
@@ -552,113 +554,361 @@ def _mix64(x: Tensor) -> Tensor:
     return x ^ _srl(x, 31)
 
 
-def _counter_uniform(seed: int, stream: int, *counters: Tensor) -> Tensor:
-    """float64 uniforms in [0, 1), a pure function of (seed, stream, counters...)."""
-    h = _mix64(torch.full_like(counters[0], (seed ^ (stream * 0x632BE59BD9B4E019)) & (2**63 - 1)))
-    for c in counters:
-        h = _mix64(h ^ (c * _GOLDEN))
-    return _srl(h, 11).double() * (1.0 / 9007199254740992.0)
+def _element_keys(seed: Tensor, stream: int, index: Tensor) -> Tensor:
+    """A 64-bit key per element of ``index``, a pure function of (seed, stream, index)."""
+    base = _mix64(seed ^ _int64((stream + 1) * _STREAM))
+    return _mix64(base ^ (index * _GOLDEN))
 
 
-def _counter_poisson(rates: Tensor, seed: int, stream: int) -> Tensor:
-    """Exact Poisson draws (int64, like ``rates``) from counter-based uniforms per element.
+def _uniform(keys: Tensor, draw: Tensor | int) -> Tensor:
+    """float64 uniforms in (0, 1), the ``draw``-th of each key's stream (SplitMix64 of
+    ``key + draw * golden``); broadcasts ``keys`` against ``draw``."""
+    step = draw * _GOLDEN if isinstance(draw, Tensor) else _int64(draw * _GOLDEN)
+    return (_srl(_mix64(keys + step), 11).double() + 0.5) * (1.0 / 9007199254740992.0)
 
-    Inversion for rates < 10 (one uniform), PTRS (Hoermann 1993) otherwise, vectorised over the
-    elements still drawing.
+
+def _seed_on(seed: Tensor, device: torch.device) -> tuple[Tensor, int | None]:
+    """The seed as a 0-dim int64 tensor usable in ops on ``device``, and its value when the host
+    has it without a device sync (a CPU seed for GPU inputs: a CPU scalar in the arithmetic)."""
+    s = seed.reshape(()).to(torch.int64)
+    if s.device == device:
+        return s, None
+    if s.device.type == "cpu":
+        value = int(s)
+        return torch.tensor(value), value
+    return s.to(device), None
+
+
+# ------------------------------------------------------------------- exact Poisson, no syncs
+#: Rates below this are drawn by inversion (bisection over [0, 64) on the exact CDF, which
+#: ``torch.special.gammaincc`` gives to ~1e-15 there), the others by PTRS (Hoermann 1993).
+_SMALL_RATE = 10.0
+_SMALL_STEPS = 6  # P(X >= 2^6 = 64) < 4e-30 for a rate below 10
+#: PTRS tries per element, all drawn at once: each is accepted with probability >= 0.75, so all
+#: are rejected with probability < 4e-15 (0.165^24 < 2e-19 from rate 50 on); the rare element
+#: that runs out is redrawn by :func:`_poisson_redraw`, with host syncs.
+_PTRS_TRIES = 24
+#: Element-tries per chunk of the PTRS pass (bounds its temporaries).
+_PTRS_CHUNK = 1 << 21
+
+
+def _ptrs(lam: Tensor, uu: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """One PTRS try per element (rates ``lam`` >= 10): whether it is accepted, and its value."""
+    slam, loglam = lam.sqrt(), lam.log()
+    b = 0.931 + 2.53 * slam
+    a = -0.059 + 0.02483 * b
+    invalpha = 1.1239 + 1.1328 / (b - 3.4)
+    vr = 0.9277 - 3.6224 / (b - 2.0)
+    uu = uu - 0.5
+    us = 0.5 - uu.abs()
+    kk = torch.floor((2 * a / us + b) * uu + lam + 0.43)
+    quick = (us >= 0.07) & (v <= vr)
+    bad = (kk < 0) | ((us < 0.013) & (v > us))
+    lhs = torch.log(v) + torch.log(invalpha) - torch.log(a / (us * us) + b)
+    rhs = -lam + kk * loglam - torch.lgamma(kk.clamp_min(0) + 1.0)
+    return quick | (~bad & (lhs <= rhs)), kk
+
+
+def _poisson(rates: Tensor, keys: Tensor) -> tuple[Tensor, Tensor]:
+    """Exact Poisson draws, int64 like ``rates`` (float64), from each element's key stream
+    (draw 0 for inversion, draws 1.. for PTRS), in a fixed number of passes: no host sync.
+    Also returns which elements ran out of PTRS tries (bool; see :data:`_PTRS_TRIES`)."""
+    lam, keys = rates.reshape(-1), keys.reshape(-1)
+    small = lam < _SMALL_RATE
+    ls = torch.where(small, lam, 0.0)  # NaN (reported by the caller) -> 0
+    u = _uniform(keys, 0)
+    lo = torch.zeros_like(lam)
+    hi = torch.full_like(lam, float(2**_SMALL_STEPS - 1))
+    for _ in range(_SMALL_STEPS):  # smallest k in [lo, hi] with P(X <= k) >= u
+        mid = torch.floor((lo + hi) * 0.5)
+        enough = torch.special.gammaincc(mid + 1.0, ls) >= u
+        hi = torch.where(enough, mid, hi)
+        lo = torch.where(enough, lo, mid + 1.0)
+    large = lam >= _SMALL_RATE
+    ll = torch.where(large, lam, _SMALL_RATE)
+    value = torch.empty_like(lam)
+    failed = torch.empty_like(large)
+    tries = torch.arange(1, 2 * _PTRS_TRIES + 1, device=lam.device)
+    step = max(1, _PTRS_CHUNK // _PTRS_TRIES)
+    for first in range(0, lam.numel(), step):
+        s = slice(first, first + step)
+        uv = _uniform(keys[s].unsqueeze(1), tries)
+        accept, kk = _ptrs(ll[s].unsqueeze(1), uv[:, 0::2], uv[:, 1::2])
+        pick = accept.to(torch.uint8).argmax(1, keepdim=True)  # the first accepted try
+        value[s] = kk.gather(1, pick).squeeze(1)
+        failed[s] = ~accept.any(1)
+    counts = torch.where(large, value, lo).long()
+    return counts.reshape(rates.shape), (large & failed).reshape(rates.shape)
+
+
+def _poisson_redraw(rates: Tensor, keys: Tensor, counts: Tensor, failed: Tensor) -> Tensor:
+    """Finish the elements that ran out of PTRS tries, one more try at a time (a host sync per
+    try; reached with probability < 4e-15 per element)."""
+    lam, keys = rates.reshape(-1), keys.reshape(-1)
+    counts, todo = counts.reshape(-1).clone(), failed.reshape(-1).clone()
+    ll = torch.where(todo, lam, _SMALL_RATE)
+    attempt = _PTRS_TRIES
+    while bool(todo.any()):
+        uu, v = _uniform(keys, 2 * attempt + 1), _uniform(keys, 2 * attempt + 2)
+        accept, kk = _ptrs(ll, uu, v)
+        accept = accept & todo
+        counts = torch.where(accept, kk.long(), counts)
+        todo = todo & ~accept
+        attempt += 1
+    return counts.reshape(rates.shape)
+
+
+# ------------------------------------------------------------ the torch sampler (any device)
+def _categorical(weights: Tensor, rows: Tensor, u: Tensor) -> Tensor:
+    """For each entry of ``rows``, the column of ``weights`` (T, L) that the uniform ``u`` picks
+    with probability proportional to the row.
+
+    One vectorised binary search over all rows: row ``t``'s normalised CDF is shifted by ``t``
+    so the concatenation is monotone (float64 keeps the resolution for T * L up to ~1e12).
+    Each row is normalised by its own total only (a causal row's search depends on its row).
     """
-    flat = rates.reshape(-1).double()
-    index = torch.arange(flat.numel(), device=flat.device)
-    out = torch.zeros_like(index)
-    small = (flat > 0) & (flat < 10)
-    if small.any():
-        lam, ids = flat[small], index[small]
-        u = _counter_uniform(seed, stream, ids, torch.zeros_like(ids))
-        p = torch.exp(-lam)
-        cdf = p.clone()
-        k = torch.zeros_like(ids)
-        active = u > cdf
-        while active.any():
-            k = k + active
-            p = torch.where(active, p * lam / k.clamp_min(1), p)
-            cdf = torch.where(active, cdf + p, cdf)
-            active = active & (u > cdf) & (p > 0)
-        out[small] = k
-    large = flat >= 10
-    if large.any():
-        lam, ids = flat[large], index[large]
-        result = torch.full_like(ids, -1)
-        slam, loglam = lam.sqrt(), lam.log()
-        b = 0.931 + 2.53 * slam
-        a = -0.059 + 0.02483 * b
-        invalpha = 1.1239 + 1.1328 / (b - 3.4)
-        vr = 0.9277 - 3.6224 / (b - 2.0)
-        attempt = 0
-        todo = torch.ones_like(ids, dtype=torch.bool)
-        while todo.any():
-            att = torch.full_like(ids, 2 * attempt + 1)
-            uu = _counter_uniform(seed, stream, ids, att) - 0.5
-            v = _counter_uniform(seed, stream, ids, att + 1)
-            us = 0.5 - uu.abs()
-            kk = torch.floor((2 * a / us + b) * uu + lam + 0.43)
-            quick = (us >= 0.07) & (v <= vr)
-            bad = (kk < 0) | ((us < 0.013) & (v > us))
-            lhs = torch.log(v) + torch.log(invalpha) - torch.log(a / (us * us) + b)
-            rhs = -lam + kk * loglam - torch.lgamma(kk.clamp_min(0) + 1.0)
-            accept = todo & (quick | (~bad & (lhs <= rhs)))
-            result = torch.where(accept, kk.long(), result)
-            todo = todo & ~accept
-            attempt += 1
-        out[large] = result
-    return out.reshape(rates.shape)
+    t, length = weights.shape
+    cdf = weights.double().cumsum(1)
+    total = cdf[:, -1:]
+    cdf = torch.where(total > 0, cdf / total, torch.ones_like(cdf))
+    cdf += torch.arange(t, device=weights.device, dtype=torch.float64).unsqueeze(1)
+    target = rows.double() + u * (1.0 - 1e-12)
+    idx = torch.searchsorted(cdf.reshape(-1), target, right=True)
+    return torch.minimum(idx - rows * length, torch.full_like(idx, length - 1))
 
 
-def _sample_torch_causal(
-    Y: Tensor, Z: Tensor, Bx: Tensor, eps: float, visible: Tensor, valid: Tensor, seed: int
-) -> tuple[Tensor, Tensor]:
-    """Causal sampling: row i draws Poisson(u_ib * sum_{j<=i} Z_jb) keys of cluster b from its
-    prefix by inverse CDF, and Poisson(eps * visible_i) uniform visible keys; all random numbers
-    are keyed by (row, component, draw), so row i depends on tokens j <= i only."""
-    bsz, heads, n, k = Y.shape
+#: Rows of the float-bits search table per block (a block's row index and the kept bits of a
+#: float64 share one int64 key: 2^20 rows keep 32 bits of mantissa).
+_SEARCH_ROWS = 1 << 20
+
+
+def _prefix_search(cols: Tensor, rows: Tensor, target: Tensor, last: Tensor) -> Tensor:
+    """For each draw, the first index ``j <= last`` with ``cols[row, j] > target`` (``cols``
+    (T, L) non-negative and non-decreasing along L, ``target < cols[row, last]``), by one
+    ``searchsorted`` over int64 keys ``(row, float64 bits of the value)``.
+
+    Non-negative float64 values order like their bit patterns, and each key depends on its own
+    value only (no normalisation by a total that later tokens change): a causal row's key is a
+    function of its prefix. The low mantissa bits that the row index displaces (32 of 52 kept
+    with 2^20 rows) only round the CDF; rounding can push the result past ``last``, never
+    beyond the row, hence the clamp.
+    """
+    t, length = cols.shape
+    out = torch.empty_like(rows)
+    cols = cols + 0.0  # -0.0 -> +0.0: its sign bit would order it first
+    target = target + 0.0
+    for first in range(0, t, _SEARCH_ROWS):  # one block unless T > 2^20
+        block = cols[first : first + _SEARCH_ROWS]
+        shift = max(1, (block.shape[0] - 1).bit_length())
+        keep = 63 - shift
+        ids = torch.arange(block.shape[0], device=cols.device).unsqueeze(1)
+        table = (block.view(torch.int64) >> shift) + (ids << keep)
+        local = (rows - first).clamp(0, block.shape[0] - 1)
+        key = (target.view(torch.int64) >> shift) + (local << keep)
+        pos = torch.searchsorted(table.reshape(-1), key, right=True) - local * length
+        inside = (rows >= first) & (rows < first + block.shape[0])
+        out = torch.where(inside, torch.minimum(pos, last), out)
+    return out
+
+
+def _compact(values: Tensor, mask: Tensor, count: int, out: Tensor | None = None) -> Tensor:
+    """The ``count`` entries of ``values`` where ``mask`` holds, in order, without a host sync
+    (``count`` is known): a scatter to their ranks, the others to a spare slot."""
+    rank = mask.cumsum(0) - 1
+    if out is None:
+        out = values.new_empty(count + 1)
+    out.scatter_(0, torch.where(mask, rank, count), values)
+    return out[:count]
+
+
+def _host_read(*parts: Tensor) -> list[int]:
+    """The int64 entries of ``parts`` on the host: one device-to-host copy, which is one host
+    synchronisation on a GPU. The torch sampler makes two per call (sizes of the draws and of
+    the graph) and reads nothing else."""
+    return torch.cat([t.reshape(-1) for t in parts]).tolist()
+
+
+def _float_bits(t: Tensor) -> Tensor:
+    return t.double().reshape(-1).view(torch.int64)
+
+
+def _bits_float(v: int) -> float:
+    return float(struct.unpack("<d", struct.pack("<q", v))[0])
+
+
+def _sample_torch(
+    Y: Tensor,
+    Z: Tensor,
+    B: Tensor,
+    Bx: Tensor,
+    eps: float,
+    key_padding_mask: Tensor | None,
+    causal: bool,
+    seed: Tensor,
+    max_edges: int | None,
+    distribution: str,
+) -> Graph:
+    """The device-generic sampler (GPUs, and CPUs without numba): vectorised torch ops, no
+    Python loop over batch, heads or clusters, and two host reads per call.
+
+    1. On the device: the value checks, the expected edge count (with ``max_edges``), and the
+       Poisson number of draws of each (batch, head) pair (of each query row when causal).
+    2. First read: those checks, the total number of draws (and for Bernoulli the rows drawn
+       pair by pair). It sizes the draws' arrays.
+    3. The draws (component, query, key), sorted by (row, key): duplicates are adjacent.
+    4. Second read: the number of distinct edges (kept ones, for Bernoulli). It sizes the CSR.
+    """
+    bsz, heads, n, _ = Y.shape
+    m = Z.shape[2]
     p = bsz * heads
     dev = Y.device
-    u = Y.reshape(p, n, k).double() @ Bx.reshape(p, k, k).double()  # (P, N, K)
-    zcum = Z.reshape(p, n, k).double().cumsum(1)  # (P, N, K): prefix mass of each cluster
-    seq = torch.arange(p, device=dev) // heads
-    rates = torch.cat(
-        [u * zcum, (eps * visible[seq].double()).unsqueeze(-1)], dim=-1
-    )  # (P, N, K+1)
-    counts = _counter_poisson(rates, seed, 1).reshape(-1)
-    element = torch.repeat_interleave(torch.arange(counts.numel(), device=dev), counts)
-    starts = torch.cumsum(counts, 0) - counts
-    draw = torch.arange(element.numel(), device=dev) - starts[element]
-    x = _counter_uniform(seed, 2, element, draw)
-    kk = k + 1
-    pair, rest = element // (n * kk), element % (n * kk)
-    qi, comp = rest // kk, rest % kk
-    key = torch.empty_like(qi)
-    sbm = comp < k
-    if sbm.any():
-        ps, qs, bs = pair[sbm], qi[sbm], comp[sbm]
-        target = x[sbm] * zcum[ps, qs, bs]
-        cdf = zcum.permute(0, 2, 1).reshape(p * k, n)  # (P*K, N) cumulative weights per cluster
-        big = float(cdf[:, -1].max()) + 1.0 if cdf.numel() else 1.0
-        row = ps * k + bs
-        shifted = (
-            cdf + torch.arange(p * k, device=dev, dtype=torch.float64).unsqueeze(1) * big
-        ).reshape(-1)
-        pos = torch.searchsorted(shifted, row.double() * big + target, right=True) - row * n
-        key[sbm] = torch.minimum(pos, qs)  # rounding can only push past i; never beyond the row
-    er = ~sbm
-    if er.any():
-        vis = visible[seq[pair[er]], qi[er]]
-        slot = torch.minimum((x[er] * vis.double()).long(), vis - 1)
-        key[er] = valid[seq[pair[er]], slot]
-    flat_key = torch.unique((pair * n + qi) * n + key)
-    rows = flat_key // n
-    idt = index_dtype(flat_key.numel(), p * n + 1)
-    crow = torch.zeros(p * n + 1, dtype=idt, device=dev)
-    crow[1:] = torch.bincount(rows, minlength=p * n).cumsum(0)
-    return crow, (flat_key % n).to(idt)
+    seed0, seed_value = _seed_on(seed, dev)
+    checks = [_float_bits(_value_ranges({"Y": Y, "Z": Z, "B": B}))]
+    if max_edges is not None:
+        expected = expected_num_edges(
+            Y, Z, B, exploration=eps, key_padding_mask=key_padding_mask, causal=causal
+        ).sum()
+        checks.append(_float_bits(expected))
+
+    def check(values: list[int]) -> None:
+        _raise_on_bad_values(["Y", "Z", "B"], [_bits_float(v) for v in values[:6]])
+        if max_edges is not None:
+            _check_max_edges(_bits_float(values[6]), max_edges, Y.shape, m)
+
+    if p * n * m == 0:
+        check(_host_read(*checks))
+        return _empty_graph(Y.shape, m, dev)
+    work = torch.promote_types(Y.dtype, torch.float32)  # bf16/fp16 -> fp32
+    Yw, Zw, Bw = Y.to(work), _masked_keys(Z, key_padding_mask).to(work), Bx.to(work)
+    visible = _visible_counts(key_padding_mask, causal, bsz, n, m, dev)  # (B, N)
+    valid = _valid_keys(key_padding_mask, bsz, m, dev)  # (B, M)
+    bern = _BernoulliRows(Yw, Zw, Bw, eps, causal) if distribution == "bernoulli" else None
+    Yp = Yw if bern is None else Yw * bern.c.unsqueeze(-1).to(work)
+    eps_p = eps if bern is None else (bern.c_top * eps if eps > 0 else 0.0)
+    fastrg = _FastRG(Yp, Zw, Bw, eps_p, causal, visible, valid, seed0)
+    sizes = [fastrg.counts.sum().reshape(1), fastrg.failed.sum().reshape(1)]
+    if bern is not None:
+        per_pair = bern.dense.reshape(p, n).sum(1)
+        sizes += [per_pair.sum().reshape(1), per_pair.max().reshape(1)]
+    if seed_value is None and not causal:
+        sizes.append(seed0.reshape(1))
+    values = _host_read(*checks, *sizes)  # first host read: checks and sizes of the draws
+    check(values)
+    values = values[6 + (max_edges is not None) :]  # the sizes
+    draws, failed = values[0], values[1]
+    if failed:  # never seen: every PTRS try of some element rejected
+        fastrg.redraw()
+        draws = _host_read(fastrg.counts.sum().reshape(1))[0]
+    if seed_value is None and not causal:
+        seed_value = values[-1]
+    flat = torch.sort(fastrg.draw(draws, seed_value)).values  # (row * M + key), sorted
+    first = torch.ones_like(flat, dtype=torch.bool)
+    first[1:] = flat[1:] != flat[:-1]
+    if bern is None:
+        edges = _host_read(first.sum().reshape(1))[0]  # second host read: the graph's size
+        flat = _compact(flat, first, edges)
+    else:
+        dense_rows, max_rows = values[2], values[3]
+        flat = bern.thin(flat, first, Yw.shape, Zw, key_padding_mask, seed0, dense_rows, max_rows)
+    idt = index_dtype(flat.numel(), p * max(n, m) + 1)
+    row = flat // m
+    crow = torch.searchsorted(row, torch.arange(p * n + 1, device=dev)).to(idt)
+    col = (flat - row * m).to(idt)
+    return Graph(crow, col, (bsz, heads, n, m), tile_shift=0)  # keys sorted
+
+
+class _FastRG:
+    """The fastRG draws of the torch sampler, in two steps around the host read that sizes them.
+
+    Not causal: the Poisson number of draws of each (batch, head) pair, over its K*K block pairs
+    and the exploration layer (one more component); each draw picks a component, then its query
+    from ``Y[:, a]`` and its key from ``Z[:, b]`` (or a uniform visible pair), by inverse-CDF
+    searches. Causal: the same per query row, with the components ``(Y B)_ib * sum_{j<=i} Z_jb``
+    and keys drawn from the row's prefix; every random number is keyed by (row, draw).
+    """
+
+    def __init__(
+        self,
+        Y: Tensor,
+        Z: Tensor,
+        Bx: Tensor,
+        eps: float,
+        causal: bool,
+        visible: Tensor,
+        valid: Tensor,
+        seed: Tensor,
+    ) -> None:
+        bsz, heads, n, k = Y.shape
+        m = Z.shape[2]
+        p = bsz * heads
+        dev = Y.device
+        self.shape, self.causal, self.valid, self.visible, self.seed = (
+            (bsz, heads, n, m, k), causal, valid, visible, seed
+        )  # fmt: skip
+        self.Y, self.Z = Y.reshape(p, n, k), Z.reshape(p, m, k)
+        Bf = Bx.reshape(p, k, k).double()
+        if causal:
+            u = torch.bmm(self.Y.double(), Bf)  # (P, N, K)
+            self.zcum = self.Z.double().cumsum(1)  # (P, N, K): each cluster's prefix mass
+            seq_visible = visible.double().unsqueeze(1).expand(bsz, heads, n).reshape(p, n, 1)
+            comp = torch.cat([u * self.zcum, eps * seq_visible], dim=-1)  # (P, N, K + 1)
+            self.components = comp.reshape(p * n, k + 1)
+            elements = torch.arange(p * n, device=dev)
+        else:
+            ysum, zsum = self.Y.double().sum(1), self.Z.double().sum(1)  # (P, K)
+            block = ysum.unsqueeze(2) * Bf * zsum.unsqueeze(1)  # (P, K, K)
+            pairs_visible = visible[:, 0].double().unsqueeze(1).expand(bsz, heads).reshape(p, 1)
+            self.components = torch.cat([block.reshape(p, k * k), eps * n * pairs_visible], 1)
+            elements = torch.arange(p, device=dev)
+        self.rates = self.components.sum(1)
+        self.keys = _element_keys(seed, 1, elements)
+        self.counts, self.failed = _poisson(self.rates, self.keys)
+
+    def redraw(self) -> None:
+        self.counts = _poisson_redraw(self.rates, self.keys, self.counts, self.failed)
+
+    def draw(self, total: int, seed_value: int | None) -> Tensor:
+        """``(row * M + key)`` of every draw, ``row = (b * H + h) * N + i``: int64 ``(total,)``."""
+        bsz, heads, n, m, k = self.shape
+        p = bsz * heads
+        dev = self.Y.device
+        owner = torch.repeat_interleave(
+            torch.arange(self.counts.numel(), device=dev), self.counts, output_size=total
+        )
+        if self.causal:
+            start = self.counts.cumsum(0) - self.counts
+            draw = torch.arange(total, device=dev) - start[owner]
+            keys = _element_keys(self.seed, 2, torch.arange(p * n, device=dev))[owner]
+            x_comp, x_key = _uniform(keys, 2 * draw), _uniform(keys, 2 * draw + 1)
+            comp = _categorical(self.components, owner, x_comp)
+            pair, qi = owner // n, owner % n
+            cluster = comp.clamp(max=k - 1)
+            cols = self.zcum.permute(0, 2, 1).reshape(p * k, n)  # (P*K, N) prefix masses
+            target = x_key * self.zcum[pair, qi, cluster]
+            key = _prefix_search(cols, pair * k + cluster, target, qi)
+            seq = pair // heads
+            vis = self.visible[seq, qi]
+            slot = torch.minimum((x_key * vis).long(), (vis - 1).clamp(min=0))
+            key = torch.where(comp < k, key, self.valid[seq, slot])
+            return owner * n + key
+        assert seed_value is not None
+        gen = torch.Generator(dev).manual_seed(seed_value)
+        x = torch.rand(3, total, generator=gen, device=dev, dtype=torch.float64)
+        pair = owner
+        comp = _categorical(self.components, pair, x[0])
+        block = comp.clamp(max=k * k - 1)
+        a, b = block // k, block % k
+        qi = _categorical(self.Y.transpose(1, 2).reshape(p * k, n), pair * k + a, x[1])
+        kj = _categorical(self.Z.transpose(1, 2).reshape(p * k, m), pair * k + b, x[2])
+        # exploration: a uniform query and a uniform valid key of the pair's sequence
+        seq = pair // heads
+        count = self.visible[seq, 0]
+        ei = torch.minimum((x[1] * n).long(), torch.full_like(pair, n - 1))
+        slot = torch.minimum((x[2] * count).long(), (count - 1).clamp(min=0))
+        explore = comp == k * k
+        qi = torch.where(explore, ei, qi)
+        kj = torch.where(explore, self.valid[seq, slot], kj)
+        return (pair * n + qi) * m + kj
 
 
 # --------------------------------------------------------------------- Bernoulli by thinning
@@ -671,15 +921,86 @@ BERNOULLI_DENSE_ROW = 0.9
 _CHUNK_ELEMENTS = 1 << 16
 
 
-def _edge_rates(u: Tensor, Z: Tensor, pair: Tensor, row: Tensor, key: Tensor) -> Tensor:
-    """``lambda_e = u[pair, row] . Z[pair, key]`` for each edge, float64, in O(E K) by chunks."""
+def _edge_rates(u: Tensor, Z: Tensor, row: Tensor, key: Tensor) -> Tensor:
+    """``lambda_e = u[row] . Z[key]`` for each edge (``u`` (R, K), ``Z`` (C, K) flat), float64,
+    in O(E K) by chunks."""
     out = torch.empty(row.numel(), dtype=torch.float64, device=u.device)
     k = u.shape[-1]
     step = max(1, (_CHUNK_ELEMENTS * 16) // max(k, 1))
     for first in range(0, row.numel(), step):
         s = slice(first, first + step)
-        out[s] = (u[pair[s], row[s]].double() * Z[pair[s], key[s]].double()).sum(-1)
+        out[s] = (u[row[s]].double() * Z[key[s]].double()).sum(-1)
     return out
+
+
+class _BernoulliRows:
+    """Per query row: the bound ``x_i >= max_j lambda_ij + eps``, whether the row is drawn pair by
+    pair (``dense``), and the proposal factor ``c_i`` (see :func:`_sample_bernoulli`)."""
+
+    def __init__(self, Y: Tensor, Z: Tensor, Bx: Tensor, eps: float, causal: bool) -> None:
+        bsz, heads, n, k = Y.shape
+        p = bsz * heads
+        self.u = (Y.reshape(p, n, k) @ Bx.reshape(p, k, k)).reshape(bsz, heads, n, k)
+        if causal:
+            zmax = Z.cummax(2).values  # (B, H, N, K) prefix maxima
+            bound = (self.u * zmax).sum(-1)
+        else:
+            bound = (self.u @ Z.amax(2).unsqueeze(-1)).squeeze(-1)  # (B, H, N)
+        # >= max_j lambda_ij + eps: a margin above the rounding of K-term float32 sums
+        bound = bound.double() * (1.0 + 1e-4) + eps
+        self.dense = bound >= BERNOULLI_DENSE_ROW
+        x = bound.clamp(min=1e-12, max=BERNOULLI_DENSE_ROW)
+        self.c = torch.where(self.dense, 0.0, (-torch.log1p(-x) / x).clamp(min=1.0))
+        self.c_top = -math.log1p(-BERNOULLI_DENSE_ROW) / BERNOULLI_DENSE_ROW
+        self.eps, self.causal = eps, causal
+
+    def thin(
+        self,
+        flat: Tensor,
+        first: Tensor,
+        shape: torch.Size,
+        Z: Tensor,
+        key_padding_mask: Tensor | None,
+        seed: Tensor,
+        dense_rows: int,
+        max_rows: int,
+    ) -> Tensor:
+        """The kept proposals (``flat``, sorted, ``first`` marking the first of equal ones) and the
+        edges of the dense rows, as sorted ``row * M + key``; the second host read sizes them."""
+        bsz, heads, n, k = shape
+        m = Z.shape[2]
+        p = bsz * heads
+        dev = flat.device
+        u, zf = self.u.reshape(p * n, k), Z.reshape(p * m, k)
+        row = flat // m
+        key = flat - row * m
+        lam = _edge_rates(u, zf, row, (row // n) * m + key)
+        q = -torch.expm1(-(self.c.reshape(-1)[row] * lam + self.c_top * self.eps))
+        row_keys = _element_keys(seed, 3, torch.arange(p * n, device=dev))
+        accept = _uniform(row_keys[row], key) * q < lam + self.eps
+        keep = first & accept & ~self.dense.reshape(-1)[row]
+        dense = self.dense.reshape(p, n)
+        if dense_rows == 0:
+            edges = _host_read(keep.sum().reshape(1))[0]  # second host read
+            return _compact(flat, keep, edges)
+        hits = torch.zeros((), dtype=torch.int64, device=dev)
+        chunks = lambda: _dense_rows_bernoulli(  # noqa: E731 - run twice: count, then place
+            self.u.reshape(p, n, k), Z.reshape(p, m, k), dense, max_rows, self.eps,
+            key_padding_mask, self.causal, heads, row_keys,
+        )  # fmt: skip
+        for _, hit in chunks():
+            hits = hits + hit.sum()
+        kept, extra = _host_read(keep.sum().reshape(1), hits.reshape(1))  # second host read
+        out = flat.new_empty(kept + extra + 1)
+        _compact(flat, keep, kept + extra, out)  # kept proposals first ...
+        offset = torch.full((), kept, dtype=torch.int64, device=dev)
+        for rows, hit in chunks():  # ... then each chunk's dense-row edges after them
+            mask = hit.reshape(-1)
+            flat_hit = (rows.unsqueeze(-1) * m + torch.arange(m, device=dev)).reshape(-1)
+            place = torch.where(mask, offset + mask.cumsum(0) - 1, kept + extra)
+            out.scatter_(0, place, flat_hit)
+            offset = offset + mask.sum()
+        return torch.sort(out[: kept + extra]).values
 
 
 def _sample_bernoulli(
@@ -703,57 +1024,45 @@ def _sample_bernoulli(
     result's edges, ``O(E K)`` for the rates of proposed edges, and ``O(M K)`` per dense row.
     All uniforms of the thinning and the dense rows are keyed by (pair, query, key), so a causal
     row depends on earlier tokens only, as in the Poisson sampler.
+
+    This is the numba sampler's path (CPU); the torch sampler does the same in
+    :meth:`_BernoulliRows.thin`.
     """
     bsz, heads, n, k = Y.shape
     m = Z.shape[2]
     p = bsz * heads
-    dev = Y.device
-    u = (Y.reshape(p, n, k) @ Bx.reshape(p, k, k)).reshape(bsz, heads, n, k)  # (B, H, N, K)
-    if causal:
-        zmax = Z.cummax(2).values  # (B, H, N, K) prefix maxima
-        bound = (u * zmax).sum(-1)
-    else:
-        bound = (u @ Z.amax(2).unsqueeze(-1)).squeeze(-1)  # (B, H, N)
-    # >= max_j lambda_ij + eps: a margin above the rounding of K-term float32 sums
-    bound = bound.double() * (1.0 + 1e-4) + eps
-    dense = bound >= BERNOULLI_DENSE_ROW
-    x = bound.clamp(min=1e-12, max=BERNOULLI_DENSE_ROW)
-    c = torch.where(dense, 0.0, (-torch.log1p(-x) / x).clamp(min=1.0))  # (B, H, N)
-    c_top = -math.log1p(-BERNOULLI_DENSE_ROW) / BERNOULLI_DENSE_ROW
+    rows_info = _BernoulliRows(Y, Z, Bx, eps, causal)
+    dense, c = rows_info.dense, rows_info.c
+    c_top = rows_info.c_top
     proposal = _sample_poisson(
         Y * c.unsqueeze(-1).to(Y.dtype), Z, Bx, c_top * eps if eps > 0 else 0.0,
         key_padding_mask, causal, generator,
     )  # fmt: skip
-    seed = _seed_from(generator, dev)
+    seed = _seed_from(generator, Y.device)
     crow, col = proposal.crow_indices, proposal.col_indices
-    up, zp, cp = u.reshape(p, n, k), Z.reshape(p, m, k), c.reshape(p * n)
-    if use_numba(Y):
-        from sbm_transformer import _numba_sampler
+    up, zp, cp = rows_info.u.reshape(p, n, k), Z.reshape(p, m, k), c.reshape(p * n)
+    from sbm_transformer import _numba_sampler
 
-        crow_np, col_np = _numba_sampler.thin_csr(
-            seed, crow.numpy(), col.numpy(), up.reshape(p * n, k).contiguous().numpy(),
-            zp.reshape(p * m, k).contiguous().numpy(), cp.numpy(),
-            dense.reshape(-1).numpy(), n, m, float(eps), c_top,
-        )  # fmt: skip
-        crow, col = torch.from_numpy(crow_np), torch.from_numpy(col_np)
-    else:
-        rows = torch.repeat_interleave(torch.arange(p * n, device=dev), crow[1:] - crow[:-1])
-        pair, qi, key = rows // n, rows % n, col.long()
-        lam = _edge_rates(up, zp, pair, qi, key)
-        q = -torch.expm1(-(cp[rows] * lam + c_top * eps))
-        uniform = _counter_uniform(seed, 3, pair, qi, key)
-        keep = (uniform * q < lam + eps) & ~dense.reshape(-1)[rows]
-        crow = torch.zeros_like(crow)
-        crow[1:] = torch.bincount(rows[keep], minlength=p * n).cumsum(0)
-        col = col[keep]
-    dense_rows = dense.reshape(-1).nonzero().squeeze(1)
-    if dense_rows.numel():  # merged in: every edge of these rows comes from here
-        d_rows, d_col = _dense_rows_bernoulli(
-            up, zp, dense_rows, n, m, eps, key_padding_mask, causal, heads, seed
-        )
-        rows = torch.repeat_interleave(torch.arange(p * n, device=dev), crow[1:] - crow[:-1])
-        rows = torch.cat([rows, d_rows])
-        col = torch.cat([col, d_col.to(col.dtype)])
+    crow_np, col_np = _numba_sampler.thin_csr(
+        seed, crow.numpy(), col.numpy(), up.reshape(p * n, k).contiguous().numpy(),
+        zp.reshape(p * m, k).contiguous().numpy(), cp.numpy(),
+        dense.reshape(-1).numpy(), n, m, float(eps), c_top,
+    )  # fmt: skip
+    crow, col = torch.from_numpy(crow_np), torch.from_numpy(col_np)
+    per_pair = dense.reshape(p, n).sum(1)
+    if bool(per_pair.any()):  # merged in: every edge of these rows comes from here
+        row_keys = _element_keys(torch.tensor(seed), 3, torch.arange(p * n))
+        d_rows, d_col = [], []
+        for rows, hit in _dense_rows_bernoulli(
+            up, zp, dense.reshape(p, n), int(per_pair.max()), eps, key_padding_mask, causal,
+            heads, row_keys,
+        ):  # fmt: skip
+            pair, slot, key = hit.nonzero(as_tuple=True)
+            d_rows.append(rows[pair, slot])
+            d_col.append(key)
+        rows = torch.repeat_interleave(torch.arange(p * n), crow[1:] - crow[:-1])
+        rows = torch.cat([rows, *d_rows])
+        col = torch.cat([col, *(d.to(col.dtype) for d in d_col)])
         order = torch.argsort(rows, stable=True)  # keeps each row's keys in their order
         col = col[order]
         crow = torch.zeros_like(crow)
@@ -764,33 +1073,50 @@ def _sample_bernoulli(
 def _dense_rows_bernoulli(
     u: Tensor,
     Z: Tensor,
-    rows: Tensor,
-    n: int,
-    m: int,
+    dense: Tensor,
+    max_rows: int,
     eps: float,
     key_padding_mask: Tensor | None,
     causal: bool,
     heads: int,
-    seed: int,
-) -> tuple[Tensor, Tensor]:
-    """Global rows and keys of the edges of ``rows`` (global row ids), each pair drawn once."""
-    out_rows, out_cols = [], []
-    step = max(1, _CHUNK_ELEMENTS * 16 // max(m * u.shape[-1], 1))
-    keys = torch.arange(m, device=u.device)
-    for first in range(0, rows.numel(), step):
-        r = rows[first : first + step]
-        pair, qi = r // n, r % n
-        lam = torch.einsum("rk,rmk->rm", u[pair, qi].double(), Z[pair].double())  # (R, M)
+    row_keys: Tensor,
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """The rows drawn pair by pair, chunk by chunk: ``(rows, hits)``, ``rows`` (P, S) the global
+    row ids of the next S dense rows of each (batch, head) pair (-1: none), ``hits`` (P, S, M)
+    bool the edges drawn, each pair with probability ``min(1, lambda + eps)`` against the
+    uniform keyed by (row, key) (``row_keys`` (P*N,)).
+
+    ``u`` (P, N, K) = Y B, ``Z`` (P, M, K), ``dense`` (P, N) bool with at most ``max_rows`` rows
+    per pair (the same chunks come out on every call: the torch sampler counts, then places).
+    ``lambda`` comes from one batched product per chunk, ``(P, S, K) @ (P, K, M)``.
+    """
+    p, n, k = u.shape
+    m = Z.shape[1]
+    dev = u.device
+    rank = dense.long().cumsum(1) - 1
+    dest = torch.where(
+        dense, torch.arange(p, device=dev).unsqueeze(1) * max_rows + rank, p * max_rows
+    )
+    slots = torch.full((p * max_rows + 1,), -1, dtype=torch.int64, device=dev)
+    slots.scatter_(0, dest.reshape(-1), torch.arange(p * n, device=dev))
+    slots = slots[:-1].reshape(p, max_rows)
+    zt = Z.double().transpose(1, 2)  # (P, K, M)
+    uf = u.reshape(p * n, k)
+    keys = torch.arange(m, device=dev)
+    pad = None
+    if key_padding_mask is not None:
+        bsz = key_padding_mask.shape[0]
+        pad = key_padding_mask.unsqueeze(1).expand(bsz, heads, m).reshape(p, 1, m)
+    step = max(1, _CHUNK_ELEMENTS * 64 // max(p * m, 1))
+    for first in range(0, max_rows, step):
+        rows = slots[:, first : first + step]  # (P, S)
+        safe = rows.clamp(min=0)
+        lam = torch.bmm(uf[safe].double(), zt)  # (P, S, M)
         prob = (lam + eps).clamp(max=1.0)
-        if key_padding_mask is not None:
-            prob = prob.masked_fill(key_padding_mask[pair // heads], 0.0)
+        hit = _uniform(row_keys[safe].unsqueeze(-1), keys) < prob
+        hit &= (rows >= 0).unsqueeze(-1)
+        if pad is not None:
+            hit &= ~pad
         if causal:
-            prob = prob.masked_fill(keys.unsqueeze(0) > qi.unsqueeze(1), 0.0)
-        uni = _counter_uniform(
-            seed, 3, pair.unsqueeze(1).expand_as(prob), qi.unsqueeze(1).expand_as(prob),
-            keys.unsqueeze(0).expand_as(prob),
-        )  # fmt: skip
-        hit = (uni < prob).nonzero()
-        out_rows.append(r[hit[:, 0]])
-        out_cols.append(hit[:, 1])
-    return torch.cat(out_rows), torch.cat(out_cols)
+            hit &= keys <= (safe % n).unsqueeze(-1)
+        yield rows, hit
