@@ -5,7 +5,8 @@
 #              PyPI's torch (a CUDA build) and -e ".[numba,triton,dev]"; missing test packages
 #              are pip-installed (or taken from $SBMT_GPU_WHEELS, a folder of wheels, offline)
 #   2. env     nvidia-smi, torch / CUDA / triton versions
-#   3. tests   pytest tests/test_cuda.py tests/test_triton.py -k "cuda or gpu", time-limited
+#   3. tests   pytest tests/test_cuda.py tests/test_triton.py tests/test_gpu_sampler.py
+#              -k "cuda or gpu", time-limited
 #   4. bench   sbmt bench attention --device cuda (python -m sbm_transformer.bench) with the
 #              time left as its --deadline; rewrites docs/benchmarks-gpu.md after every case
 #   5. summary each phase's duration, the targets (PASS / FAIL / not measured)
@@ -90,7 +91,7 @@ if [ "$MODE" = dry ]; then
   say "dry run with $PY: the plan below; on a GPU the script would run:"
   say "  setup  : python3 if its torch sees CUDA, else build/gpu-venv (pip install torch," \
     "-e .[numba,triton,dev]): at most 240 s + 120 s"
-  say "  tests  : pytest -q tests/test_cuda.py tests/test_triton.py -k 'cuda or gpu'" \
+  say "  tests  : pytest -q tests/test_cuda.py tests/test_triton.py tests/test_gpu_sampler.py -k 'cuda or gpu'" \
     "(time limit: min(90 s, a third of the budget left))"
   say "  bench  : python -m sbm_transformer.bench --device cuda --deadline <left - 15 s>" \
     "--out docs/benchmarks-gpu.md (hard stop 30 s after the deadline)"
@@ -165,7 +166,7 @@ SETUP_NOTE="setup: $PY, $VERSIONS; $(IFS=';'; echo "${PHASES[*]}")"
 # ------------------------------------------------------------------------------ 3. tests
 phase tests
 TEST_FILES=()
-for f in tests/test_cuda.py tests/test_triton.py; do [ -f "$f" ] && TEST_FILES+=("$f"); done
+for f in tests/test_cuda.py tests/test_triton.py tests/test_gpu_sampler.py; do [ -f "$f" ] && TEST_FILES+=("$f"); done
 TEST_CAP=$(( $(left) / 3 ))
 [ "$TEST_CAP" -gt 90 ] && TEST_CAP=90
 [ "$MODE" = quick ] && TEST_CAP=$(( TEST_CAP > 15 ? 15 : TEST_CAP ))

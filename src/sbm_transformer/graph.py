@@ -386,7 +386,10 @@ def _transpose(graph: Graph, tile_shift: int | None) -> TransposedGraph:
     cols = (rows // max(n, 1)) * m + graph.col_indices.long()  # stacked column (b*H + h)*M + j
     key = (local >> shift) * (b * h * m) + cols  # tile-major: (query tile, column)
     perm = torch.argsort(key, stable=True)  # edges are in row order: rows stay ascending
-    counts = torch.bincount(key, minlength=(-(-n >> shift) if n else 1) * b * h * m)
+    # scatter_add, not bincount: bincount reads the largest key back to the host (a sync on CUDA)
+    buckets = (-(-n >> shift) if n else 1) * b * h * m
+    counts = torch.zeros(buckets, dtype=torch.long, device=graph.device)
+    counts.scatter_add_(0, key, torch.ones_like(key))
     ptr = torch.zeros(counts.numel() + 1, dtype=idt, device=graph.device)
     ptr[1:] = counts.cumsum(0)
     tpos = torch.empty_like(perm)
