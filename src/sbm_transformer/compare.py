@@ -16,7 +16,7 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -82,19 +82,22 @@ def compare(
     overwrite: bool = False,
     quiet: bool = False,
     title: str | None = None,
+    echo: Callable[[str], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Train one run per entry of ``configs`` (name -> configuration) under ``out/<name>/`` and
     write ``comparison.md``, ``comparison.csv`` and ``comparison.png`` to ``out``.
 
     Every configuration and directory is checked before anything is trained. With ``resume``,
     finished runs are skipped and interrupted ones resumed (see :func:`plan_comparison_run`).
-    Ctrl-C stops the run in progress with a checkpoint and raises KeyboardInterrupt.
+    Ctrl-C stops the run in progress with a checkpoint and raises KeyboardInterrupt. Progress
+    and the table go to ``echo``; each run's own output to the terminal (it runs in a child).
 
     Returns:
         The runs' summaries (``summary.json``), in the order of ``configs``.
     """
     from sbm_transformer.plots import plot_comparison
 
+    echo = echo or stdout_line
     out = Path(out)
     plans = [
         plan_comparison_run(name, validate(cfg), out / name, resume=resume, overwrite=overwrite)
@@ -102,13 +105,13 @@ def compare(
     ]
     task = next(iter(configs.values())).data.task if configs else "?"
     if resume:
-        print("compare --resume: " + "; ".join(f"{p.name} {p.note or 'starting'}" for p in plans))
+        echo("compare --resume: " + "; ".join(f"{p.name} {p.note or 'starting'}" for p in plans))
     out.mkdir(parents=True, exist_ok=True)
     hint = f"sbmt compare (the same options) --out {out} --resume"
     rows = []
     for i, plan in enumerate(plans):
         note = f" ({plan.note})" if plan.note else ""
-        print(f"\n=== {task}: {plan.name} attention{note} ===", flush=True)
+        echo(f"\n=== {task}: {plan.name} attention{note} ===")
         if plan.action == "skip":
             rows.append(json.loads((plan.run_dir / "summary.json").read_text()))
             continue
@@ -125,11 +128,10 @@ def compare(
             )
         except KeyboardInterrupt:
             done = ", ".join(p.name for p in plans[:i])
-            print(
+            echo(
                 f"\ncomparison interrupted in the {plan.name} run"
                 + (f" (finished: {done})" if done else "")
-                + f"; continue with: {hint}",
-                flush=True,
+                + f"; continue with: {hint}"
             )
             raise
     table = comparison_table(rows)
@@ -139,9 +141,15 @@ def compare(
         w.writeheader()
         w.writerows(rows)
     plot = plot_comparison(rows, out / "comparison.png", title or f"{task}: attention comparison")
-    print("\n" + table)
-    print(f"\ntable: {out / 'comparison.md'}; plot: {plot}; runs: {out}/<attention>/")
+    echo("\n" + table)
+    echo(f"\ntable: {out / 'comparison.md'}; plot: {plot}; runs: {out}/<attention>/")
     return rows
+
+
+def stdout_line(text: str) -> None:
+    """Write a line to stdout at once (the runs' child processes write to the same terminal)."""
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
 
 
 #: Columns of comparison.csv.
@@ -307,7 +315,7 @@ def _train_child(
     except USER_ERRORS as err:
         if os.environ.get("SBMT_TRACEBACK"):
             raise
-        print(f"sbmt: error: {error_message(err)}", file=sys.stderr)
+        sys.stderr.write(f"sbmt: error: {error_message(err)}\n")
         sys.exit(2)
     except KeyboardInterrupt:
         sys.exit(130)

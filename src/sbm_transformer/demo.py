@@ -8,9 +8,10 @@ models share data, seed and every setting but the attention; the demo prints the
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
-from sbm_transformer.compare import compare, comparison_configs
+from sbm_transformer.compare import compare, comparison_configs, stdout_line
 
 #: The repeated-tokens setting shared by the demo and docs/results.md (section a).
 REPEAT_TASK = [
@@ -39,11 +40,18 @@ def demo_config(quick: bool = False) -> list[str]:
     ]
 
 
-def run_demo(out: Path, *, quick: bool = False, quiet: bool = False) -> None:
-    """Train the demo's two runs under ``out`` (replacing an earlier demo there) and print the
-    comparison table."""
+def run_demo(
+    out: Path,
+    *,
+    quick: bool = False,
+    quiet: bool = False,
+    echo: Callable[[str], None] | None = None,
+) -> None:
+    """Train the demo's two runs under ``out`` (replacing an earlier demo there); the
+    introduction, progress and comparison table go to ``echo``."""
+    echo = echo or stdout_line
     configs = comparison_configs("repeat", ["sbm", "softmax"], overrides=demo_config(quick))
-    print(
+    echo(
         "sbm-transformer demo: SBM attention vs full softmax attention on the repeated-tokens "
         "task\n"
         "(label each token: does it occur elsewhere in the sequence?). About 58 % of tokens do,\n"
@@ -52,9 +60,9 @@ def run_demo(out: Path, *, quick: bool = False, quiet: bool = False) -> None:
     )
     compare(
         configs, out, overwrite=True, quiet=quiet,
-        title="repeated tokens: SBM vs full attention",
+        title="repeated tokens: SBM vs full attention", echo=echo,
     )  # fmt: skip
-    print(
+    echo(
         f"\nper-run plots: {out}/sbm/plots/ (curves.png; density.png: the learned density per "
         "layer and head; graph.png: a sampled graph next to its edge probabilities)"
     )
